@@ -1,0 +1,77 @@
+"""Fields shared by every config: defaults of the paper's setup. `get_config()` files start from this."""
+
+import ml_collections
+
+
+def phase(name: str, epochs: int, freeze: tuple[str, ...], optimizer: str = "rmsprop",
+          learning_rate: float = 1e-4) -> ml_collections.ConfigDict:
+  """One fine-tuning phase: its length, its freezing rules (resdense_jax/optim.py) and its own optimizer."""
+  return ml_collections.ConfigDict({
+      "name": name,
+      "epochs": epochs,
+      "freeze": freeze,
+      "optimizer": {
+          "name": optimizer,              # rmsprop (Keras: rho 0.9, epsilon 1e-7 in the sqrt) | adam | sgd
+          "learning_rate": learning_rate,
+          "schedule": "constant",         # constant | cosine | warmup_cosine (over the phase)
+          "warmup_steps": 0,
+          "weight_decay": 0.0,            # decoupled, on kernels only
+      },
+  })
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  config.data = ml_collections.ConfigDict()
+  config.data.root = ""                   # COV19-CT-DB root: <root>/{train,validation}/{covid,non-covid}/<scan>/
+  config.data.synthetic = False           # generate the synthetic collection into <workdir>/synthetic_ct instead
+  config.data.synthetic_scans = ml_collections.ConfigDict({
+      "train": (24, 24), "validation": (12, 12), "test": 4})
+  config.data.synthetic_slice_size = 64
+  config.data.synthetic_num_slices = (8, 16)
+  config.data.image_size = 256
+  config.data.val_fraction = 0.25         # used only when the root has no validation split
+  config.data.augment = True
+  config.data.rotation_factor = 0.2
+  config.data.middle_fraction = 1.0       # train on the middle fraction of each scan's slices
+  config.data.num_workers = 0
+
+  config.model = ml_collections.ConfigDict()
+  config.model.backbones = ("resnet101", "densenet121")
+  config.model.backbone_kwargs = ml_collections.ConfigDict()  # {backbone: constructor overrides}
+  config.model.fusion_filters = 1024
+  config.model.fusion_kernel = 3
+  config.model.fusion_activation = ""     # "" (linear) | "relu"
+  config.model.pooling = "avg"            # avg | gem
+  config.model.dropout = 0.2
+  config.model.num_outputs = 1            # 1: sigmoid head; 2: softmax head (use sparse_categorical_cross_entropy)
+  config.model.preprocessing = "keras"    # keras (caffe / torch per backbone) | authors (caffe, then [-1, 1])
+  config.model.backbone_bn_inference = False  # True: every backbone BatchNorm in inference mode (authors' code)
+  config.model.dtype = "float32"          # compute dtype: float32 | bfloat16 (params stay float32)
+  config.model.pretrained = "imagenet"    # imagenet | none
+  config.model.weights_dir = ""           # folder with the Keras .h5 files; default: the Keras cache
+  config.model.download_weights = True    # fetch missing files from Keras's published URLs
+
+  config.train = ml_collections.ConfigDict()
+  config.train.batch_size = 32            # global batch, split over all devices
+  config.train.loss = "binary_cross_entropy"  # | sigmoid_focal_loss | sparse_categorical_cross_entropy
+  config.train.log_every_steps = 50
+  config.train.checkpoint_every_steps = 0  # extra mid-epoch checkpoints (0: only after each evaluation)
+  config.train.eval_every_epochs = 1
+
+  # The paper: 20 epochs; first the head with both backbones frozen, then all but the first 100 Keras layers
+  # of each backbone. The split between the phases is not given in the paper; 10 + 10 here.
+  config.phases = [
+      phase("head", 10, ("backbones",)),
+      phase("finetune", 10, ("backbones:100",)),
+  ]
+
+  config.eval = ml_collections.ConfigDict()
+  config.eval.batch_size = 64
+  config.eval.aggregation = "mean"        # mean (paper: mean slice probability) | vote (authors' code)
+  config.eval.threshold = 0.5             # a scan is COVID when its score is above this
+  config.eval.middle_fraction = 1.0       # evaluate on the middle fraction of each scan's slices
+  config.eval.best_metric = "val_scan_macro_f1"
+  return config

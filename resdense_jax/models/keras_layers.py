@@ -1,0 +1,173 @@
+"""Keras-named layer helpers shared by the backbones, and the Keras layer list they record.
+
+Every op a backbone applies goes through one of these helpers, which (1) builds the Flax module or applies the
+parameter-free op and (2) records the Keras layer it stands for. Tracing a backbone once therefore yields Keras's
+`model.layers` list (parameter-free layers included) from the same code that computes the network: the freezing
+rule "first N Keras layers" and the weight loader both read it, and there is no second hand-written copy to drift.
+The block functions apply ops in Keras's layer order, so the trace order is Keras's order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+from typing import Iterator, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# Keras applications use this epsilon for every BatchNormalization; momentum 0.99 is the Keras default.
+BN_EPSILON = 1.001e-5
+BN_MOMENTUM = 0.99
+
+VariablePath = tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class KerasLayer:
+  """One entry of a Keras model's `layers` list: its name, class and the Flax variables holding its weights.
+
+  `weights` follows Keras's weight order for the layer (Conv2D: kernel, bias; BatchNormalization: gamma, beta,
+  moving_mean, moving_variance; Dense: kernel, bias), each as a path into the Flax variables dict.
+  """
+  name: str
+  class_name: str
+  weights: tuple[VariablePath, ...] = ()
+
+
+_RECORDING: contextvars.ContextVar[list[KerasLayer] | None] = contextvars.ContextVar(
+    "keras_layer_recording", default=None)
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[list[KerasLayer]]:
+  """Collects the KerasLayer of every helper call made inside the block."""
+  layers: list[KerasLayer] = []
+  token = _RECORDING.set(layers)
+  try:
+    yield layers
+  finally:
+    _RECORDING.reset(token)
+
+
+def record(name: str, class_name: str, weights: Sequence[VariablePath] = ()) -> None:
+  layers = _RECORDING.get()
+  if layers is not None:
+    layers.append(KerasLayer(name, class_name, tuple(weights)))
+
+
+def trace_keras_layers(module: nn.Module, input_size: int = 32) -> list[KerasLayer]:
+  """Runs `module.init` abstractly (no FLOPs, no memory) and returns the Keras layers it recorded."""
+  x = jax.ShapeDtypeStruct((1, input_size, input_size, 3), jnp.float32)
+  with recording() as layers:
+    jax.eval_shape(lambda x: module.init(jax.random.PRNGKey(0), x, train=False), x)
+  return layers
+
+
+_CACHE: dict[tuple, tuple[KerasLayer, ...]] = {}
+
+# Fields that change no layer or weight of the Keras list.
+_NON_ARCHITECTURE_FIELDS = ("frozen_bn", "dtype", "param_dtype", "parent", "name")
+
+
+def cached_keras_layers(module: nn.Module) -> list[KerasLayer]:
+  """`trace_keras_layers` of a fresh copy of `module`, cached per architecture."""
+  fields = {f.name: getattr(module, f.name) for f in dataclasses.fields(module)
+            if f.name not in _NON_ARCHITECTURE_FIELDS}
+  key = (type(module).__qualname__, repr(sorted(fields.items())))
+  if key not in _CACHE:
+    _CACHE[key] = tuple(trace_keras_layers(type(module)(**fields, parent=None)))
+  return list(_CACHE[key])
+
+
+# ---- Keras layers as Flax calls. `module` is the enclosing compact module (its dtype settings are used). ----
+
+def input_layer(x: jax.Array, name: str = "input_layer") -> jax.Array:
+  record(name, "InputLayer")
+  return x
+
+
+def zero_padding(x: jax.Array, pad: int, name: str) -> jax.Array:
+  record(name, "ZeroPadding2D")
+  return jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+
+
+def conv(module: nn.Module, x: jax.Array, filters: int, kernel_size: int, name: str, *, strides: int = 1,
+         padding: str = "VALID", use_bias: bool = True) -> jax.Array:
+  weights = [("params", name, "kernel")] + ([("params", name, "bias")] if use_bias else [])
+  record(name, "Conv2D", weights)
+  # Keras 'same' equals XLA 'SAME' here: every 'same' conv in these backbones has stride 1.
+  return nn.Conv(filters, (kernel_size, kernel_size), strides=(strides, strides), padding=padding,
+                 use_bias=use_bias, dtype=module.dtype, param_dtype=module.param_dtype, name=name)(x)
+
+
+def batch_norm(module: nn.Module, x: jax.Array, name: str, train: bool) -> jax.Array:
+  record(name, "BatchNormalization", [("params", name, "scale"), ("params", name, "bias"),
+                                      ("batch_stats", name, "mean"), ("batch_stats", name, "var")])
+  # A frozen layer keeps Keras's inference behaviour: moving statistics used, never updated.
+  use_running_average = not train or name in module.frozen_bn
+  return nn.BatchNorm(use_running_average=use_running_average, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
+                      dtype=module.dtype, param_dtype=module.param_dtype, name=name)(x)
+
+
+def relu(x: jax.Array, name: str) -> jax.Array:
+  record(name, "Activation")
+  return nn.relu(x)
+
+
+def max_pool(x: jax.Array, window: int, strides: int, name: str) -> jax.Array:
+  record(name, "MaxPooling2D")
+  return nn.max_pool(x, (window, window), strides=(strides, strides), padding="VALID")
+
+
+def avg_pool(x: jax.Array, window: int, strides: int, name: str) -> jax.Array:
+  record(name, "AveragePooling2D")
+  return nn.avg_pool(x, (window, window), strides=(strides, strides), padding="VALID")
+
+
+def add(xs: Sequence[jax.Array], name: str) -> jax.Array:
+  record(name, "Add")
+  out = xs[0]
+  for x in xs[1:]:
+    out = out + x
+  return out
+
+
+def concatenate(xs: Sequence[jax.Array], name: str) -> jax.Array:
+  record(name, "Concatenate")
+  return jnp.concatenate(xs, axis=-1)
+
+
+def global_pool(x: jax.Array, pooling: str) -> jax.Array:
+  """Keras's `pooling="avg"|"max"` (layers named avg_pool / max_pool)."""
+  if pooling == "avg":
+    record("avg_pool", "GlobalAveragePooling2D")
+    return jnp.mean(x, axis=(1, 2))
+  if pooling == "max":
+    record("max_pool", "GlobalMaxPooling2D")
+    return jnp.max(x, axis=(1, 2))
+  raise ValueError(f"pooling must be None, 'avg' or 'max', got {pooling!r}")
+
+
+def classifier(module: nn.Module, x: jax.Array, num_classes: int, activation: str | None) -> jax.Array:
+  """Keras's include_top head: global average pool, then the `predictions` Dense layer."""
+  x = global_pool(x, "avg")
+  record("predictions", "Dense", [("params", "predictions", "kernel"), ("params", "predictions", "bias")])
+  x = nn.Dense(num_classes, dtype=module.dtype, param_dtype=module.param_dtype, name="predictions")(x)
+  x = x.astype(jnp.float32)
+  if activation == "softmax":
+    return nn.softmax(x)
+  if activation is None:
+    return x
+  raise ValueError(f"classifier_activation must be 'softmax' or None, got {activation!r}")
+
+
+def output(module: nn.Module, x: jax.Array) -> jax.Array:
+  """The end shared by the backbones: Keras's `include_top` head or `pooling` choice."""
+  if module.include_top:
+    return classifier(module, x, module.num_classes, module.classifier_activation)
+  if module.pooling is not None:
+    x = global_pool(x, module.pooling)
+  return x

@@ -1,0 +1,193 @@
+"""Optimizers as Keras defines them, learning-rate schedules, and freezing by label masks.
+
+Freezing (big_vision style): every parameter gets exactly one label, "trainable" or "frozen", from a tuple of
+rules; optax.multi_transform then gives frozen parameters `set_to_zero` (no optimizer state at all) and the
+trainable ones the phase's optimizer. The train step differentiates only the trainable partition (see
+`split` / `merge`), so a frozen backbone costs a forward pass.
+
+Rules (strings, matched against the fused model's parameter tree):
+  "all"                  every parameter
+  "backbones"            every backbone sub-tree (the head stays trainable)
+  "resnet101"            one backbone's whole sub-tree
+  "resnet101:100"        the first 100 entries of that backbone's Keras `model.layers` (parameter-free layers
+                         count, as in Keras), from the backbone's `keras_layers()` list
+  "backbones:100"        the first 100 Keras layers of every backbone
+  "re:<regex>"           parameters whose path "a/b/c" fully matches the regular expression
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import traverse_util
+
+TRAINABLE = "trainable"
+FROZEN = "frozen"
+
+Path = tuple[str, ...]
+
+
+# ----------------------------------------------------------------------------------------------- optimizers
+
+
+def rmsprop_keras(learning_rate, *, rho: float = 0.9, epsilon: float = 1e-7) -> optax.GradientTransformation:
+  """keras.optimizers.RMSprop: v = rho v + (1-rho) g^2;  p -= lr g / sqrt(v + epsilon)."""
+  return optax.rmsprop(learning_rate, decay=rho, eps=epsilon, eps_in_sqrt=True)
+
+
+def learning_rate_schedule(config, num_steps: int) -> optax.Schedule:
+  """The phase's learning rate over its `num_steps` steps: constant | cosine | warmup_cosine."""
+  lr = float(config.learning_rate)
+  name = config.get("schedule", "constant")
+  if name == "constant":
+    return optax.constant_schedule(lr)
+  if name == "cosine":
+    return optax.cosine_decay_schedule(lr, decay_steps=max(num_steps, 1))
+  if name == "warmup_cosine":
+    warmup = int(config.get("warmup_steps", 0))
+    return optax.warmup_cosine_decay_schedule(0.0, lr, warmup_steps=warmup, decay_steps=max(num_steps, warmup + 1))
+  raise ValueError(f"unknown learning-rate schedule {name!r}; choose constant, cosine or warmup_cosine")
+
+
+def _decay_mask(params):
+  """Decoupled weight decay on kernels only (ndim > 1), not on biases, BatchNorm or GeM's p."""
+  return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+def base_optimizer(config, num_steps: int) -> optax.GradientTransformation:
+  """The optimizer of one phase, from its config (name, learning_rate, schedule, weight_decay, ...)."""
+  lr = learning_rate_schedule(config, num_steps)
+  name = config.name
+  if name == "rmsprop":
+    scale = optax.scale_by_rms(decay=config.get("rho", 0.9), eps=config.get("epsilon", 1e-7), eps_in_sqrt=True)
+  elif name == "adam":
+    # Keras Adam's epsilon (1e-7) is added to sqrt(v_hat), as optax does.
+    scale = optax.scale_by_adam(b1=config.get("beta_1", 0.9), b2=config.get("beta_2", 0.999),
+                                eps=config.get("epsilon", 1e-7))
+  elif name == "sgd":
+    scale = optax.trace(decay=config.get("momentum", 0.0)) if config.get("momentum", 0.0) else optax.identity()
+  else:
+    raise ValueError(f"unknown optimizer {name!r}; choose rmsprop, adam or sgd")
+  chain = [scale]
+  if config.get("weight_decay", 0.0):
+    # Decoupled, like Keras's `weight_decay=` and AdamW: p -= lr * wd * p.
+    chain.append(optax.add_decayed_weights(config.weight_decay, mask=_decay_mask))
+  chain.append(optax.scale_by_learning_rate(lr))
+  return optax.chain(*chain)
+
+
+def create_optimizer(config, labels, num_steps: int) -> optax.GradientTransformation:
+  """The phase's optimizer on trainable parameters; frozen ones get `set_to_zero` and no state."""
+  return optax.multi_transform({TRAINABLE: base_optimizer(config, num_steps), FROZEN: optax.set_to_zero()}, labels)
+
+
+# ------------------------------------------------------------------------------------------------- freezing
+
+
+def _keras_layer_params(backbone: str, keras_layers: Sequence[Any], first_n: int) -> set[Path]:
+  """Parameter paths (in the fused tree) of the first `first_n` entries of a backbone's Keras layer list."""
+  if first_n > len(keras_layers):
+    raise ValueError(f"rule {backbone}:{first_n} asks for more layers than the {len(keras_layers)} "
+                     f"Keras layers of {backbone}")
+  paths = set()
+  for layer in keras_layers[:first_n]:
+    for weight in layer.weights:
+      if weight[0] == "params":
+        paths.add((backbone, *weight[1:]))
+  return paths
+
+
+def _rule_params(rule: str, all_paths: Sequence[Path], keras_layers: Mapping[str, Sequence[Any]]) -> set[Path]:
+  """The set of parameter paths a single rule selects."""
+  backbones = list(keras_layers)
+  if rule == "all":
+    return set(all_paths)
+  if rule.startswith("re:"):
+    pattern = re.compile(rule[3:])
+    return {p for p in all_paths if pattern.fullmatch("/".join(p))}
+  name, _, count = rule.partition(":")
+  targets = backbones if name == "backbones" else [name]
+  for target in targets:
+    if target not in keras_layers:
+      raise ValueError(f"freeze rule {rule!r}: {target!r} is not a backbone of this model (backbones: {backbones})")
+  selected: set[Path] = set()
+  for target in targets:
+    if count:
+      selected |= _keras_layer_params(target, keras_layers[target], int(count))
+    else:
+      selected |= {p for p in all_paths if p[0] == target}
+  return selected
+
+
+def freeze_labels(params, rules: Sequence[str], keras_layers: Mapping[str, Sequence[Any]]):
+  """A tree like `params` whose leaves are "trainable" or "frozen" according to `rules`.
+
+  `keras_layers` maps each backbone's sub-tree name to its `keras_layers()` list. Every rule must select at
+  least one parameter (a typo must not silently train everything), and every parameter a Keras layer list
+  names must exist.
+  """
+  flat = traverse_util.flatten_dict(params)
+  all_paths = list(flat)
+  known = set(all_paths)
+  for backbone, layers in keras_layers.items():
+    missing = _keras_layer_params(backbone, layers, len(layers)) - known
+    if missing:
+      raise ValueError(f"the Keras layer list of {backbone} names parameters the model lacks, e.g. "
+                       f"{'/'.join(sorted(missing)[0])}")
+  frozen: set[Path] = set()
+  for rule in rules:
+    selected = _rule_params(rule, all_paths, keras_layers)
+    if not selected:
+      raise ValueError(f"freeze rule {rule!r} matches no parameter")
+    frozen |= selected
+  labels = {path: (FROZEN if path in frozen else TRAINABLE) for path in all_paths}
+  assert set(labels) == known and all(v in (TRAINABLE, FROZEN) for v in labels.values())
+  return traverse_util.unflatten_dict(labels)
+
+
+def frozen_batchnorm(labels, keras_layers: Mapping[str, Sequence[Any]]) -> dict[str, tuple[str, ...]]:
+  """Per backbone, the BatchNormalization layers whose parameters are all frozen (they run in inference mode)."""
+  flat = traverse_util.flatten_dict(labels)
+  result = {}
+  for backbone, layers in keras_layers.items():
+    names = []
+    for layer in layers:
+      params = [(backbone, *w[1:]) for w in layer.weights if w[0] == "params"]
+      if layer.class_name == "BatchNormalization" and params and all(flat[p] == FROZEN for p in params):
+        names.append(layer.name)
+    result[backbone] = tuple(names)
+  return result
+
+
+def count(labels, params) -> dict[str, int]:
+  """Number of scalar parameters per label."""
+  totals = {TRAINABLE: 0, FROZEN: 0}
+  for label, p in zip(jax.tree.leaves(labels), jax.tree.leaves(params)):
+    totals[label] += int(p.size)
+  return totals
+
+
+# ------------------------------------------------------------------------------------- trainable partition
+
+
+def split(params, labels) -> tuple[dict[Path, jax.Array], dict[Path, jax.Array]]:
+  """(trainable, frozen) flat dicts {path: array}; differentiate the first, close over the second."""
+  flat_params = traverse_util.flatten_dict(params)
+  flat_labels = traverse_util.flatten_dict(labels)
+  trainable = {k: v for k, v in flat_params.items() if flat_labels[k] == TRAINABLE}
+  frozen = {k: v for k, v in flat_params.items() if flat_labels[k] == FROZEN}
+  return trainable, frozen
+
+
+def merge(trainable: Mapping[Path, jax.Array], frozen: Mapping[Path, jax.Array]):
+  """The nested parameter tree from the two flat partitions."""
+  return traverse_util.unflatten_dict({**frozen, **trainable})
+
+
+def zeros_for(frozen: Mapping[Path, jax.Array]) -> dict[Path, jax.Array]:
+  """Zero 'gradients' for frozen parameters: constants, never computed by backprop, ignored by set_to_zero."""
+  return {k: jnp.zeros_like(v) for k, v in frozen.items()}

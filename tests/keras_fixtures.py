@@ -1,0 +1,118 @@
+"""Keras 3 reference models with random, non-trivial weights, saved in the layouts the weight loader reads.
+
+Shared by the weight tests and benchmarks/parity.py. Weights are random but scaled so that activations keep an
+O(1) size through 100+ layers (He-scaled kernels, BatchNorm moving statistics near the identity, small residual
+branch gammas) and so that a softmax top is not saturated; that keeps a relative comparison meaningful.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("KERAS_BACKEND", "jax")
+
+import pathlib  # noqa: E402
+
+import h5py  # noqa: E402
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+from keras.src.legacy.saving import legacy_h5_format  # noqa: E402
+
+KERAS_APPLICATIONS = {
+    "resnet50": keras.applications.ResNet50,
+    "resnet101": keras.applications.ResNet101,
+    "resnet152": keras.applications.ResNet152,
+    "densenet121": keras.applications.DenseNet121,
+    "densenet169": keras.applications.DenseNet169,
+    "densenet201": keras.applications.DenseNet201,
+}
+
+
+def build_keras(arch: str, *, include_top: bool = False, pooling: str | None = None, input_shape=None,
+                classes: int = 1000, seed: int = 0) -> keras.Model:
+  """`keras.applications.<arch>(weights=None)` with random weights (input_shape defaults to (None, None, 3))."""
+  keras.backend.clear_session()  # Keras's automatic layer names (zero_padding2d, ...) restart at 0
+  model = KERAS_APPLICATIONS[arch](weights=None, include_top=include_top, pooling=pooling, classes=classes,
+                                   input_shape=input_shape or (None, None, 3))
+  randomize_weights(model, seed)
+  return model
+
+
+def randomize_weights(model: keras.Model, seed: int = 0) -> None:
+  rng = np.random.default_rng(seed)
+  for layer in model.layers:
+    values = []
+    for weight in layer.weights:
+      shape, name = tuple(weight.shape), weight.name
+      if name == "kernel":
+        fan_in = int(np.prod(shape[:-1]))
+        # He scale for convs followed by ReLU; 1/sqrt(fan_in) for the top keeps its softmax unsaturated.
+        std = np.sqrt((2.0 if len(shape) == 4 else 1.0) / fan_in)
+        values.append(rng.normal(0.0, std, shape))
+      elif name == "gamma":
+        # A residual branch's last BN gets small gammas, so 30+ residual additions do not blow up activations.
+        low, high = (0.2, 0.4) if layer.name.endswith("_3_bn") else (0.8, 1.2)
+        values.append(rng.uniform(low, high, shape))
+      elif name in ("bias", "beta", "moving_mean"):
+        values.append(rng.uniform(-0.2, 0.2, shape))
+      elif name == "moving_variance":
+        values.append(rng.uniform(0.5, 2.0, shape))
+      else:
+        raise AssertionError(f"unexpected weight {weight.path}")
+    if values:
+      layer.set_weights([v.astype(np.float32) for v in values])
+
+
+def save_legacy(model: keras.Model, path: os.PathLike | str) -> pathlib.Path:
+  """The legacy Keras-2 layout (`layer_names`, `<layer>/<layer>/<var>`), as Keras 3 writes it."""
+  with h5py.File(path, "w") as f:
+    legacy_h5_format.save_weights_to_hdf5_group(f, model)
+  return pathlib.Path(path)
+
+
+def save_keras3(model: keras.Model, path: os.PathLike | str) -> pathlib.Path:
+  """Keras 3's `model.save_weights` layout (`layers/<class>_<k>/vars/<i>`); `path` must end in .weights.h5."""
+  model.save_weights(str(path))
+  return pathlib.Path(path)
+
+
+def tf_keras_name(name: str) -> str:
+  """The name tf.keras / keras-applications gave a Keras 3 layer in the published files."""
+  if name in ("conv1_conv", "conv1_bn", "conv1_relu"):
+    return name.replace("_", "/", 1)
+  return name
+
+
+def to_tf_keras_layout(src: os.PathLike | str, dst: os.PathLike | str, *, densenet: bool) -> pathlib.Path:
+  """Rewrites a legacy file as the published tf.keras files are: `:0` variable suffixes, DenseNet's nested
+  `conv1/conv`, `conv1/bn` names, and the top named `fc1000` (DenseNet) or `probs` (ResNet)."""
+  rename = {"predictions": "fc1000" if densenet else "probs"}
+  with h5py.File(src, "r") as fin, h5py.File(dst, "w") as fout:
+    names = []
+    for layer_name in [n.decode() if isinstance(n, bytes) else n for n in fin.attrs["layer_names"]]:
+      new = rename.get(layer_name, tf_keras_name(layer_name) if densenet else layer_name)
+      names.append(new)
+      group = fout.create_group(new)
+      weight_names = []
+      for weight_name in fin[layer_name].attrs["weight_names"]:
+        weight_name = weight_name.decode() if isinstance(weight_name, bytes) else weight_name
+        variable = weight_name.rsplit("/", 1)[-1]
+        new_weight = f"{new}/{variable}:0"
+        group.create_dataset(new_weight, data=fin[layer_name][weight_name][()])
+        weight_names.append(new_weight.encode())
+      group.attrs["weight_names"] = np.array(weight_names, dtype="S") if weight_names else np.array([])
+    fout.attrs["layer_names"] = np.array([n.encode() for n in names], dtype="S")
+    fout.attrs["keras_version"] = b"2.2.4"
+    fout.attrs["backend"] = b"tensorflow"
+  return pathlib.Path(dst)
+
+
+def random_images(shape, seed: int = 0) -> np.ndarray:
+  return np.random.default_rng(seed).normal(0.0, 1.0, shape).astype(np.float32)
+
+
+def relative_max_diff(actual, expected) -> float:
+  """max |actual - expected| / max |expected|."""
+  actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+  assert actual.shape == expected.shape, (actual.shape, expected.shape)
+  return float(np.max(np.abs(actual - expected)) / np.max(np.abs(expected)))
