@@ -8,7 +8,7 @@ two stem ZeroPadding2D layers unnamed, so they carry Keras's automatic names `ze
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from typing import Sequence
 
 import flax.linen as nn
 import jax
@@ -42,7 +42,7 @@ def transition_block(module: nn.Module, x: jax.Array, reduction: float, name: st
   return kl.avg_pool(x, 2, 2, f"{name}_pool")
 
 
-class DenseNet(nn.Module):
+class DenseNet(kl.KerasApplication):
   """Keras DenseNet. `blocks` (conv blocks per dense block) and `growth_rate` give depth and width.
 
   `__call__(x, train)` takes preprocessed NHWC input ("torch" mode for ImageNet weights).
@@ -51,13 +51,6 @@ class DenseNet(nn.Module):
   growth_rate: int = 32
   stem_filters: int = 64
   reduction: float = 0.5
-  include_top: bool = False
-  pooling: str | None = None
-  num_classes: int = 1000
-  classifier_activation: str | None = "softmax"
-  frozen_bn: Sequence[str] = ()
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -74,7 +67,7 @@ class DenseNet(nn.Module):
         x = transition_block(self, x, self.reduction, f"pool{i + 2}", train)
     x = kl.batch_norm(self, x, "bn", train)
     x = kl.relu(x, "relu")
-    return kl.output(self, x)
+    return self.output(x)
 
   @property
   def num_features(self) -> int:
@@ -84,10 +77,6 @@ class DenseNet(nn.Module):
       if i < len(self.blocks) - 1:
         channels = int(channels * self.reduction)
     return channels
-
-  def keras_layers(self) -> list[kl.KerasLayer]:
-    """Keras's `model.layers` for this architecture, with the Flax variables of each layer's weights."""
-    return kl.cached_keras_layers(self)
 
 
 DenseNet121 = functools.partial(DenseNet, blocks=(6, 12, 24, 16))

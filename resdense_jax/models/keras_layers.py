@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import flax.linen as nn
 import jax
@@ -164,10 +164,28 @@ def classifier(module: nn.Module, x: jax.Array, num_classes: int, activation: st
   raise ValueError(f"classifier_activation must be 'softmax' or None, got {activation!r}")
 
 
-def output(module: nn.Module, x: jax.Array) -> jax.Array:
-  """The end shared by the backbones: Keras's `include_top` head or `pooling` choice."""
-  if module.include_top:
-    return classifier(module, x, module.num_classes, module.classifier_activation)
-  if module.pooling is not None:
-    x = global_pool(x, module.pooling)
-  return x
+class KerasApplication(nn.Module):
+  """Fields and output end shared by the Keras Applications backbones.
+
+  include_top: Keras's 1000-class `predictions` head (softmax unless `classifier_activation=None`).
+  pooling: None (feature map), "avg" or "max", when include_top is False.
+  frozen_bn: BatchNorm layer names that always run in inference mode (statistics fixed) even with train=True.
+  """
+  include_top: bool = False
+  pooling: str | None = None
+  num_classes: int = 1000
+  classifier_activation: str | None = "softmax"
+  frozen_bn: Sequence[str] = ()
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  def output(self, x: jax.Array) -> jax.Array:
+    if self.include_top:
+      return classifier(self, x, self.num_classes, self.classifier_activation)
+    if self.pooling is not None:
+      x = global_pool(x, self.pooling)
+    return x
+
+  def keras_layers(self) -> list[KerasLayer]:
+    """Keras's `model.layers` for this architecture, with the Flax variables of each layer's weights."""
+    return cached_keras_layers(self)

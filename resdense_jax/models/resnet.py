@@ -8,7 +8,7 @@ shortcut), every conv has a bias, and BatchNorm epsilon is 1.001e-5. Module name
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from typing import Sequence
 
 import flax.linen as nn
 import jax
@@ -47,7 +47,7 @@ def residual_stack(module: nn.Module, x: jax.Array, filters: int, blocks: int, n
   return x
 
 
-class ResNet(nn.Module):
+class ResNet(kl.KerasApplication):
   """Keras ResNet v1. `stage_sizes`/`filters` give depth and width, so small variants share this code.
 
   `__call__(x, train)` takes preprocessed NHWC input ("caffe" mode for ImageNet weights) and returns the
@@ -56,13 +56,6 @@ class ResNet(nn.Module):
   stage_sizes: Sequence[int] = (3, 4, 23, 3)
   filters: Sequence[int] = (64, 128, 256, 512)
   stem_filters: int = 64
-  include_top: bool = False
-  pooling: str | None = None
-  num_classes: int = 1000
-  classifier_activation: str | None = "softmax"
-  frozen_bn: Sequence[str] = ()
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -77,15 +70,11 @@ class ResNet(nn.Module):
     x = kl.max_pool(x, 3, 2, "pool1_pool")
     for i, (blocks, filters) in enumerate(zip(self.stage_sizes, self.filters)):
       x = residual_stack(self, x, filters, blocks, f"conv{i + 2}", train, stride=1 if i == 0 else 2)
-    return kl.output(self, x)
+    return self.output(x)
 
   @property
   def num_features(self) -> int:
     return 4 * self.filters[-1]
-
-  def keras_layers(self) -> list[kl.KerasLayer]:
-    """Keras's `model.layers` for this architecture, with the Flax variables of each layer's weights."""
-    return kl.cached_keras_layers(self)
 
 
 ResNet50 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3))
