@@ -17,7 +17,10 @@ BACKBONES = {
 # The Keras preprocessing mode each family's ImageNet weights were trained with.
 PREPROCESSING_MODE = {name: ("caffe" if name.startswith("resnet") else "torch") for name in BACKBONES}
 
+# The fused model reads BACKBONES and PREPROCESSING_MODE from this module, so it is imported last.
+from resdense_jax.models.resdense import GeMPool, ResDenseNet  # noqa: E402
+
 __all__ = [
-    "BACKBONES", "DenseNet", "DenseNet121", "DenseNet169", "DenseNet201", "KerasLayer", "PREPROCESSING_MODE",
+    "BACKBONES", "DenseNet", "GeMPool", "ResDenseNet", "DenseNet121", "DenseNet169", "DenseNet201", "KerasLayer", "PREPROCESSING_MODE",
     "ResNet", "ResNet50", "ResNet101", "ResNet152", "preprocess_input",
 ]
