@@ -1,13 +1,13 @@
+# `make demo`: what the library does, end to end on synthetic CT (fresh .venv, install, train, report).
 # `make test` is the project's test command (README, .ci/run): fresh .venv, .[test], pytest on the JAX CPU backend.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+RUNTIME_STAMP := $(VENV)/.installed-runtime
+DEMO_WORKDIR ?= runs/demo
 
-export JAX_PLATFORMS ?= cpu
-export KERAS_BACKEND ?= jax
-
-.PHONY: install test clean
+.PHONY: demo install test clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -17,10 +17,17 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
+$(RUNTIME_STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e .
+	touch $(RUNTIME_STAMP)
+
 install: $(STAMP)
 
+demo: $(RUNTIME_STAMP)
+	$(PY) -m resdense_jax.main --config=configs/demo.py --workdir=$(DEMO_WORKDIR)
+
 test: $(STAMP)
-	$(PY) -m pytest -n 2 --dist loadfile -q tests
+	JAX_PLATFORMS=cpu KERAS_BACKEND=jax $(PY) -m pytest -n 2 --dist loadfile -q tests
 
 clean:
 	rm -rf $(VENV) build *.egg-info
