@@ -54,6 +54,9 @@ def random_flip_and_rotate(image: np.ndarray, rng: np.random.Generator, *,
   return rotate(image, angle)
 
 
-def grey_to_rgb(image: np.ndarray) -> np.ndarray:
-  """`[h, w]` -> `[h, w, 3]` with the grey value in every channel."""
-  return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
+def grey_to_rgb(image: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+  """`[h, w]` -> `[h, w, 3]` with the grey value in every channel (into `out` if given)."""
+  if out is None:
+    return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
+  cv2.cvtColor(image, cv2.COLOR_GRAY2RGB, dst=out)
+  return out

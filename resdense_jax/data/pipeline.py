@@ -1,0 +1,316 @@
+"""grain pipelines: shuffled augmented training slices and ordered, padded evaluation batches.
+
+A source is either a list of `ScanRef` (raw scan folders, DICOM series, NIfTI volumes) or a
+`PreparedData` (TFDS array_record). Both expose the same slice interface (`SliceSource`), so
+the pipelines below do not care where pixels come from.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import threading
+from pathlib import Path
+from typing import Sequence
+
+import grain
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from resdense_jax.data import augment
+from resdense_jax.data.scans import (ScanError, ScanRef, SliceError, read_image_slice, read_scan,
+                                     scan_files, warn)
+
+# Worker threads per process decoding and augmenting slices (cv2 releases the GIL).
+READ_THREADS = 8
+_LOG_EVERY = 100
+
+
+class BadSlices:
+  """Process-local count of slices skipped because they could not be decoded."""
+
+  def __init__(self):
+    self._lock = threading.Lock()
+    self.paths: collections.Counter = collections.Counter()
+    self.good = 0
+
+  def __getstate__(self):  # Worker processes start their own counts.
+    return {}
+
+  def __setstate__(self, state):
+    self.__init__()
+
+  def bad(self, error: SliceError, *, guard: bool = False, quiet: bool = False) -> None:
+    """Counts (and, the first time, names) a bad slice; with `guard`, stops a pipeline whose
+    reads mostly fail instead of letting it spin on broken data."""
+    with self._lock:
+      first = str(error.path) not in self.paths
+      self.paths[str(error.path)] += 1
+      total = sum(self.paths.values())
+      bad_ratio = total / max(total + self.good, 1)
+    if first and not quiet:
+      warn(f"{error}; slice skipped ({total} bad slice reads so far)")
+    if guard and total >= _LOG_EVERY and bad_ratio > 0.5:
+      raise ScanError(error.path, f"more than half of the slices read so far are unreadable "
+                      f"({total} bad, {self.good} good); refusing to train on broken data")
+
+  def ok(self) -> None:
+    self.good += 1  # Racy increments only undercount; the ratio check is a coarse guard.
+
+  def summary(self) -> str:
+    total = sum(self.paths.values())
+    if not total:
+      return f"no bad slices ({self.good} read)"
+    listed = ", ".join(list(self.paths)[:10])
+    return f"{total} bad slice reads in {len(self.paths)} files ({self.good} good): {listed}"
+
+
+BAD_SLICES = BadSlices()
+
+
+def bad_slice_summary() -> str:
+  """What this process skipped so far (worker processes log their own warnings)."""
+  return BAD_SLICES.summary()
+
+
+class RawScans:
+  """Slices of raw scans (image folders, DICOM series, NIfTI volumes) as a `SliceSource`."""
+
+  def __init__(self, scans: Sequence[ScanRef], *, progress: bool = True):
+    from resdense_jax.data import dicom, nifti
+
+    self.scans = list(scans)
+    if not self.scans:
+      raise ScanError(Path("."), "empty list of scans given to the pipeline")
+    self.image_size = None
+    self._kinds, self._files, counts = [], [], []
+    for ref in tqdm(self.scans, desc="indexing scans", disable=not progress or len(self.scans) < 200):
+      if ref.path.is_file():
+        kind, files = "nifti", [ref.path]
+      else:
+        kind, files = scan_files(ref.path)
+      if kind == "dicom":
+        files, _ = dicom.order_series(ref.path, files)
+      counts.append(nifti.num_axial_slices(files[0]) if kind == "nifti" else len(files))
+      self._kinds.append(kind)
+      self._files.append(files)
+    self.num_slices = np.asarray(counts, np.int64)
+
+  @functools.lru_cache(maxsize=2)
+  def _volume(self, scan_index: int) -> np.ndarray:
+    return read_scan(self.scans[scan_index].path).slices
+
+  def load(self, scan_index: int, slice_index: int) -> np.ndarray:
+    """uint8 `[h, w]`; raises SliceError for an unreadable slice."""
+    from resdense_jax.data import dicom
+
+    kind, files = self._kinds[scan_index], self._files[scan_index]
+    if kind == "images":
+      return read_image_slice(files[slice_index])
+    if kind == "dicom":
+      return dicom.read_dicom_slice(files[slice_index])
+    try:
+      return self._volume(scan_index)[slice_index]
+    except ScanError as error:
+      raise SliceError(error.path, str(error)) from error
+
+
+def as_slice_source(source):
+  """`list[ScanRef]` -> RawScans; PreparedData and RawScans pass through."""
+  if hasattr(source, "load") and hasattr(source, "num_slices"):
+    return source
+  return RawScans(list(source))
+
+
+def select_slices(num_slices: np.ndarray, middle_fraction: float = 1.0) -> np.ndarray:
+  """(scan_index, slice_index) int32 rows, keeping the middle fraction of every scan."""
+  if not 0.0 < middle_fraction <= 1.0:
+    raise ValueError(f"middle_fraction must be in (0, 1], got {middle_fraction}")
+  rows = []
+  for scan_index, n in enumerate(np.asarray(num_slices)):
+    keep = max(1, int(round(n * middle_fraction))) if n else 0
+    start = (int(n) - keep) // 2
+    rows.extend((scan_index, start + i) for i in range(keep))
+  return np.asarray(rows, np.int32).reshape(-1, 2)
+
+
+def _process_share(batch_size: int, process_count: int) -> int:
+  if batch_size % process_count:
+    raise ValueError(f"batch_size {batch_size} is not divisible by the {process_count} processes")
+  return batch_size // process_count
+
+
+def steps_per_epoch(source, batch_size: int, middle_fraction: float = 1.0) -> int:
+  """Full training batches per epoch (each process sees batch_size // process_count a step)."""
+  source = as_slice_source(source)
+  count = len(select_slices(source.num_slices, middle_fraction))
+  processes = jax.process_count()
+  return (count // processes) // _process_share(batch_size, processes)
+
+
+def eval_steps(source, batch_size: int, middle_fraction: float = 1.0) -> int:
+  """Batches `eval_pipeline` yields (the last one padded)."""
+  source = as_slice_source(source)
+  count = len(select_slices(source.num_slices, middle_fraction))
+  return -(-count // batch_size)
+
+
+class _TrainSlice(grain.transforms.RandomMap):
+  """(scan, slice) -> {"image": uint8 grey [S, S], "label": int32}, or None for a bad slice."""
+
+  def __init__(self, source, labels: np.ndarray, image_size: int, augment_: bool,
+               rotation_factor: float):
+    self.source, self.labels = source, labels
+    self.image_size, self.augment, self.rotation_factor = image_size, augment_, rotation_factor
+    self.counts = BadSlices()  # This pipeline's own, for the broken-data guard.
+
+  def random_map(self, element, rng: np.random.Generator):
+    scan_index, slice_index = int(element[0]), int(element[1])
+    try:
+      image = self.source.load(scan_index, slice_index)
+    except SliceError as error:
+      BAD_SLICES.bad(error, quiet=True)
+      self.counts.bad(error, guard=True)
+      return None
+    BAD_SLICES.ok()
+    self.counts.ok()
+    image = augment.resize(image, self.image_size)
+    if self.augment:
+      image = augment.random_flip_and_rotate(image, rng, rotation_factor=self.rotation_factor)
+    return {"image": image, "label": self.labels[scan_index]}
+
+
+class _EvalSlice(grain.transforms.Map):
+  """Padded (scan, slice) row -> the eval element; padding and bad slices have mask False."""
+
+  def __init__(self, source, labels: np.ndarray, image_size: int):
+    self.source, self.labels, self.image_size = source, labels, image_size
+    self.counts = BadSlices()
+
+  def map(self, element):
+    scan_index, slice_index = int(element[0]), int(element[1])
+    image, valid = None, scan_index >= 0
+    if valid:
+      try:
+        image = augment.resize(self.source.load(scan_index, slice_index), self.image_size)
+      except SliceError as error:
+        BAD_SLICES.bad(error, quiet=True)
+        self.counts.bad(error)
+        valid = False
+    if image is None:
+      image = np.zeros((self.image_size, self.image_size), np.uint8)
+    return {"image": image,
+            "label": self.labels[scan_index] if scan_index >= 0 else np.int32(-1),
+            "scan_index": np.int32(max(scan_index, 0)),
+            "slice_index": np.int32(max(slice_index, 0)), "mask": np.bool_(valid)}
+
+
+def _labels(source, *, required: bool) -> np.ndarray:
+  labels = [ref.label for ref in source.scans]
+  if required:
+    unlabelled = [ref for ref in source.scans if ref.label is None]
+    if unlabelled:
+      raise ScanError(unlabelled[0].path, f"training scan without a label "
+                      f"({len(unlabelled)} unlabelled scans given to train_pipeline)")
+  return np.asarray([-1 if label is None else label for label in labels], np.int32)
+
+
+def _stack(elements):
+  """Batches elements; grey "image" slices become RGB here, written straight into the batch
+  (one allocation instead of one per slice: 20x cheaper than converting each slice)."""
+  batch = {key: np.stack([e[key] for e in elements]) for key in elements[0] if key != "image"}
+  first = elements[0]["image"]
+  images = np.empty((len(elements), *first.shape, 3), np.uint8)
+  for i, element in enumerate(elements):
+    augment.grey_to_rgb(element["image"], out=images[i])
+  batch["image"] = images
+  return batch
+
+
+def _read_options(threads: int) -> grain.ReadOptions:
+  return grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(64, 8 * threads))
+
+
+def _maybe_workers(ds: grain.IterDataset, num_workers: int) -> grain.IterDataset:
+  if num_workers > 0:
+    from absl import flags
+    if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside absl.app
+      flags.FLAGS.mark_as_parsed()  # (notebooks, pytest) they would still be unparsed.
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+  return ds
+
+
+def train_pipeline(source, *, image_size: int = 256, batch_size: int = 32, seed: int = 0,
+                   num_epochs: int | None = None, augment: bool = True,
+                   rotation_factor: float = 0.2, middle_fraction: float = 1.0,
+                   num_workers: int = 0, shard_by_process: bool = True,
+                   read_threads: int = READ_THREADS,
+                   shard_options: grain.sharding.ShardOptions | None = None) -> grain.IterDataset:
+  """Augmented training batches {"image": uint8 [B, S, S, 3], "label": int32 [B]}.
+
+  One record per (scan, slice) of the (middle fraction of the) training scans, shuffled afresh
+  every epoch from `seed`; then decode, resize to `image_size`, random horizontal flip and
+  rotation up to +-rotation_factor * 2 pi (constant fill), grey to RGB, batch (remainder
+  dropped). With several JAX processes each gets a disjoint 1/process_count of every epoch's
+  permutation and batches of batch_size // process_count. Iterators support
+  get_state()/set_state() for exact resumption. Unreadable slices are skipped and counted.
+
+  Args:
+    shard_options: overrides the per-process sharding (tests simulate processes with it).
+  """
+  source = as_slice_source(source)
+  labels = _labels(source, required=True)
+  records = select_slices(source.num_slices, middle_fraction)
+  if shard_options is None:
+    shard_options = (grain.sharding.ShardByJaxProcess(drop_remainder=True) if shard_by_process
+                     else grain.sharding.NoSharding())
+  count = shard_options.shard_count
+  per_process_batch = _process_share(batch_size, count)
+  usable = len(records) - len(records) % count
+  if usable // count < per_process_batch:
+    raise ScanError(Path(getattr(source, "root", ".")),
+                    f"only {len(records)} training slices for batches of {batch_size}: "
+                    "an epoch would hold no full batch")
+  ds = grain.MapDataset.source(records).shuffle(seed=seed)
+  # The same permutation on every process; each takes every count-th record of it.
+  ds = ds[shard_options.shard_index:usable:count]
+  ds = ds.repeat(num_epochs)
+  ds = ds.random_map(_TrainSlice(source, labels, image_size, augment, rotation_factor),
+                     seed=(seed + 1) % 2 ** 32)
+  ds = ds.to_iter_dataset(_read_options(read_threads))
+  ds = ds.batch(per_process_batch, drop_remainder=True, batch_fn=_stack)
+  return _maybe_workers(ds, num_workers)
+
+
+def eval_pipeline(source, *, image_size: int = 256, batch_size: int = 32,
+                  middle_fraction: float = 1.0, num_workers: int = 0,
+                  read_threads: int = READ_THREADS) -> grain.IterDataset:
+  """Every slice of every scan in order: {"image", "label", "scan_index", "slice_index", "mask"}.
+
+  `scan_index` indexes the source's scan list; the last batch is padded with mask False
+  (as are slices that could not be decoded). Labels are -1 for unlabelled scans.
+  """
+  source = as_slice_source(source)
+  labels = _labels(source, required=False)
+  records = select_slices(source.num_slices, middle_fraction)
+  if not len(records):
+    raise ScanError(Path("."), "no slices to evaluate")
+  padding = -len(records) % batch_size
+  records = np.concatenate([records, np.full((padding, 2), -1, np.int32)])
+  ds = grain.MapDataset.source(records).map(_EvalSlice(source, labels, image_size))
+  ds = ds.to_iter_dataset(_read_options(read_threads))
+  ds = ds.batch(batch_size, drop_remainder=False, batch_fn=_stack)
+  return _maybe_workers(ds, num_workers)
+
+
+def to_global_batch(batch, sharding):
+  """Process-local numpy batch -> dict of global jax.Arrays laid out by `sharding`.
+
+  `sharding` is one jax.sharding.Sharding for every key (batch axis first) or a dict per key.
+  """
+  def one(key, value):
+    spec = sharding[key] if isinstance(sharding, dict) else sharding
+    return jax.make_array_from_process_local_data(spec, np.asarray(value))
+
+  return {key: one(key, value) for key, value in batch.items()}
