@@ -11,11 +11,18 @@ import os
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
+import contextlib  # noqa: E402
+import functools  # noqa: E402
+import http.server  # noqa: E402
 import pathlib  # noqa: E402
+import threading  # noqa: E402
+from unittest import mock  # noqa: E402
 
 import h5py  # noqa: E402
+import jax  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
+from keras.src.backend.jax import random as keras_jax_random  # noqa: E402
 from keras.src.legacy.saving import legacy_h5_format  # noqa: E402
 
 KERAS_APPLICATIONS = {
@@ -32,10 +39,23 @@ def build_keras(arch: str, *, include_top: bool = False, pooling: str | None = N
                 classes: int = 1000, seed: int = 0) -> keras.Model:
   """`keras.applications.<arch>(weights=None)` with random weights (input_shape defaults to (None, None, 3))."""
   keras.backend.clear_session()  # Keras's automatic layer names (zero_padding2d, ...) restart at 0
-  model = KERAS_APPLICATIONS[arch](weights=None, include_top=include_top, pooling=pooling, classes=classes,
-                                   input_shape=input_shape or (None, None, 3))
+  with _zero_initializers():
+    model = KERAS_APPLICATIONS[arch](weights=None, include_top=include_top, pooling=pooling, classes=classes,
+                                     input_shape=input_shape or (None, None, 3))
   randomize_weights(model, seed)
   return model
+
+
+@contextlib.contextmanager
+def _zero_initializers():
+  """Keras's JAX backend draws initial weights with jax.random, compiling one kernel per weight shape (most of
+  the time it takes to build a ResNet on CPU). randomize_weights overwrites every weight right after, so the
+  models are built with zeros instead."""
+  def zeros(shape, *args, dtype=None, **kwargs):
+    return np.zeros(shape, dtype=dtype or "float32")
+
+  with mock.patch.multiple(keras_jax_random, uniform=zeros, normal=zeros, truncated_normal=zeros):
+    yield
 
 
 def randomize_weights(model: keras.Model, seed: int = 0) -> None:
@@ -46,12 +66,12 @@ def randomize_weights(model: keras.Model, seed: int = 0) -> None:
       shape, name = tuple(weight.shape), weight.name
       if name == "kernel":
         fan_in = int(np.prod(shape[:-1]))
-        # He scale for convs followed by ReLU; 1/sqrt(fan_in) for the top keeps its softmax unsaturated.
+        # He scale for convs followed by ReLU; a small top scale keeps its softmax unsaturated.
         std = np.sqrt((2.0 if len(shape) == 4 else 1.0) / fan_in)
         values.append(rng.normal(0.0, std, shape))
       elif name == "gamma":
         # A residual branch's last BN gets small gammas, so 30+ residual additions do not blow up activations.
-        low, high = (0.2, 0.4) if layer.name.endswith("_3_bn") else (0.8, 1.2)
+        low, high = (0.1, 0.2) if layer.name.endswith("_3_bn") else (0.8, 1.2)
         values.append(rng.uniform(low, high, shape))
       elif name in ("bias", "beta", "moving_mean"):
         values.append(rng.uniform(-0.2, 0.2, shape))
@@ -107,6 +127,15 @@ def to_tf_keras_layout(src: os.PathLike | str, dst: os.PathLike | str, *, densen
   return pathlib.Path(dst)
 
 
+def case_id(value) -> str:
+  """Readable pytest ids for parity cases: resnet50-notop-avg-65x47-legacy."""
+  if isinstance(value, bool):
+    return "top" if value else "notop"
+  if isinstance(value, tuple):
+    return "x".join(map(str, value))
+  return str(value)
+
+
 def random_images(shape, seed: int = 0) -> np.ndarray:
   return np.random.default_rng(seed).normal(0.0, 1.0, shape).astype(np.float32)
 
@@ -116,3 +145,80 @@ def relative_max_diff(actual, expected) -> float:
   actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
   assert actual.shape == expected.shape, (actual.shape, expected.shape)
   return float(np.max(np.abs(actual - expected)) / np.max(np.abs(expected)))
+
+
+class KerasReference:
+  """Keras models, their weight files and their outputs, each built once (tests keep one per module).
+
+  Weights depend only on (arch, include_top): randomize_weights draws them in layer order with a fixed seed and
+  pooling layers own none, so the files of one (arch, include_top) fit every pooling variant.
+  """
+  LAYOUTS = ("legacy", "keras3", "tf_keras")
+
+  def __init__(self, folder: os.PathLike | str, seed: int = 0):
+    self.folder = pathlib.Path(folder)
+    self.seed = seed
+    self._models: dict = {}
+    self._files: dict = {}
+    self._outputs: dict = {}
+
+  def model(self, arch: str, include_top: bool = False, pooling: str | None = None, hw=None) -> keras.Model:
+    key = (arch, include_top, None if include_top else pooling, tuple(hw) if include_top else None)
+    if key not in self._models:
+      self._models[key] = build_keras(arch, include_top=include_top, pooling=key[2],
+                                      input_shape=(*hw, 3) if include_top else None, seed=self.seed)
+    return self._models[key]
+
+  def files(self, arch: str, include_top: bool = False, hw=(64, 64)) -> dict[str, pathlib.Path]:
+    """{"legacy", "keras3", "tf_keras"} -> file, for the weights of (arch, include_top)."""
+    key = (arch, include_top)
+    if key not in self._files:
+      model = self.model(arch, include_top, None, hw)
+      stem = self.folder / f"{arch}_{'top' if include_top else 'notop'}"
+      legacy = save_legacy(model, f"{stem}.h5")
+      self._files[key] = {
+          "legacy": legacy,
+          "keras3": save_keras3(model, f"{stem}.weights.h5"),
+          "tf_keras": to_tf_keras_layout(legacy, f"{stem}_tf_keras.h5", densenet=arch.startswith("densenet")),
+      }
+    return self._files[key]
+
+  def images(self, hw, batch: int = 2) -> np.ndarray:
+    return random_images((batch, *hw, 3), seed=self.seed + 1)
+
+  def output(self, arch: str, include_top: bool, pooling: str | None, hw) -> np.ndarray:
+    """The Keras model's inference output on `images(hw)`."""
+    key = (arch, include_top, pooling, tuple(hw))
+    if key not in self._outputs:
+      model = self.model(arch, include_top, pooling, hw)
+      call = lambda x: model(x, training=False)  # noqa: E731
+      # Eager Keras compiles op by op, once per op shape: cheap for ResNets, whose ops repeat, but a DenseNet's
+      # concatenations all differ, so one jit per model is faster there.
+      if arch.startswith("densenet"):
+        call = jax.jit(call)
+      self._outputs[key] = np.asarray(call(self.images(hw)))
+    return self._outputs[key]
+
+
+@contextlib.contextmanager
+def serve_folder(folder: os.PathLike | str):
+  """Serves `folder` over HTTP on 127.0.0.1 (a free port) in a thread; yields the base URL."""
+  class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+      pass
+
+  handler = functools.partial(QuietHandler, directory=str(folder))
+  with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+      yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+      server.shutdown()
+      thread.join()
+
+
+@functools.lru_cache(maxsize=None)
+def jitted_apply(model):
+  """`jit(model.apply)` in inference mode, one per Flax model, so every layout's variables share one compile."""
+  return jax.jit(functools.partial(model.apply, train=False))

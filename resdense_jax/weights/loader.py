@@ -1,13 +1,16 @@
 """Keras weight files into the flat Flax variables of `resdense_jax.models`.
 
 The model's `keras_layers()` says which Flax variables each Keras layer's weights go to, in Keras weight order.
-Legacy files are matched to it by layer name, Keras 3 files by layer order (class and counter), as Keras itself
-loads them. The result is built in a fresh dict and returned only once every variable of the model is filled
-exactly once with the model's shape and dtype; any problem is a WeightsError naming the file.
+Legacy files are matched to it by layer name (by layer order, as Keras does, if no name at all matches: an
+older naming scheme), Keras 3 files by layer order (class and counter), as Keras itself loads them. The result
+is built in a fresh dict and returned only once every variable of the model is filled exactly once with the
+model's shape and dtype; any problem is a WeightsError naming the file.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 import pathlib
 import re
@@ -30,6 +33,7 @@ _CONV_COUNTS = {**{1 + 3 * sum(s) + 4: a for s, a in _RESNETS.items()},
 # Keras variable names of a Flax leaf, per Keras class (BatchNormalization's beta is Flax's bias).
 _KERAS_VARIABLE = {"scale": "gamma", "mean": "moving_mean", "var": "moving_variance"}
 _SHOWN = 5
+_log = logging.getLogger(__name__)
 
 
 def describe_architecture(layer_names: Sequence[str]) -> str | None:
@@ -74,6 +78,12 @@ def _listing(names: Sequence[str]) -> str:
 
 def abstract_variables(model: Any) -> dict[str, Any]:
   """The model's variables as ShapeDtypeStructs (nothing computed or allocated)."""
+  return _abstract_variables(model.clone(parent=None))
+
+
+@functools.lru_cache(maxsize=32)
+def _abstract_variables(model: Any) -> dict[str, Any]:
+  # Tracing a ResNet152 takes seconds; modules are frozen dataclasses, so equal models share the result.
   x = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
   return jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False), x)
 
@@ -89,7 +99,8 @@ def resolve(model: Any, path_or_name: os.PathLike | str, *, cache_dir=None, down
     try:
       entry = registry.registry_entry(arch, "predictions" in names)
     except KeyError as e:
-      raise WeightsError(f"imagenet: no published Keras weights for a model that is {arch}") from e
+      raise WeightsError(f"imagenet: no published Keras weights for a model that is "
+                         f"{arch or 'not a Keras ResNet/DenseNet'}") from e
     return download.get_file(entry.file_name, cache_dir=cache_dir, download=download_ok)
   if path.name in registry.REGISTRY and path.parent == pathlib.Path("."):
     return download.get_file(path.name, cache_dir=cache_dir, download=download_ok)
@@ -148,6 +159,11 @@ def _match_by_name(weights: h5.KerasWeightsH5, keras_layers) -> list[tuple[Any, 
                          f"{layer.key!r})")
     by_name[layer.name] = layer
   weighted = [layer for layer in keras_layers if layer.weights]
+  if len(weighted) == len(weights.layers) and not any(layer.name in by_name for layer in weighted):
+    # No name in common (an older naming scheme): Keras itself loads legacy files by layer order, so do that,
+    # still checking every count and shape.
+    _log.info("%s: no layer name matches the model's, matching %d layers by order", weights.path, len(weighted))
+    return list(zip(weighted, weights.layers))
   missing = [layer.name for layer in weighted if layer.name not in by_name]
   if missing:
     raise WeightsError(f"{weights.path}: missing layer(s) the model needs: {_listing(missing)}")
