@@ -60,6 +60,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.train.log_every_steps = 50
   config.train.checkpoint_every_steps = 0  # extra mid-epoch checkpoints (0: only after each evaluation)
   config.train.eval_every_epochs = 1
+  config.train.async_checkpointing = True  # write checkpoints in the background while training goes on
 
   # The paper: 20 epochs; first the head with both backbones frozen, then all but the first 100 Keras layers
   # of each backbone. The split between the phases is not given in the paper; 10 + 10 here.

@@ -18,7 +18,7 @@ Rules (strings, matched against the fused model's parameter tree):
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +37,37 @@ Path = tuple[str, ...]
 def rmsprop_keras(learning_rate, *, rho: float = 0.9, epsilon: float = 1e-7) -> optax.GradientTransformation:
   """keras.optimizers.RMSprop: v = rho v + (1-rho) g^2;  p -= lr g / sqrt(v + epsilon)."""
   return optax.rmsprop(learning_rate, decay=rho, eps=epsilon, eps_in_sqrt=True)
+
+
+class ScaleByAdamKerasState(NamedTuple):
+  count: jax.Array
+  m: Any
+  v: Any
+
+
+def scale_by_adam_keras(beta_1: float = 0.9, beta_2: float = 0.999,
+                        epsilon: float = 1e-7) -> optax.GradientTransformation:
+  """keras.optimizers.Adam's direction: sqrt(1-b2^t)/(1-b1^t) * m / (sqrt(v) + epsilon).
+
+  Keras adds epsilon to the uncorrected sqrt(v) (optax.scale_by_adam adds it to sqrt(v_hat)); with
+  epsilon 1e-7 and small gradients the first steps differ visibly, so this follows Keras.
+  """
+
+  def init_fn(params):
+    zeros = lambda: jax.tree.map(jnp.zeros_like, params)
+    return ScaleByAdamKerasState(count=jnp.zeros([], jnp.int32), m=zeros(), v=zeros())
+
+  def update_fn(updates, state, params=None):
+    del params
+    count = state.count + 1
+    t = count.astype(jnp.float32)
+    m = jax.tree.map(lambda m, g: m + (g - m) * (1 - beta_1), state.m, updates)
+    v = jax.tree.map(lambda v, g: v + (g * g - v) * (1 - beta_2), state.v, updates)
+    alpha = jnp.sqrt(1 - beta_2 ** t) / (1 - beta_1 ** t)
+    updates = jax.tree.map(lambda m, v: alpha * m / (jnp.sqrt(v) + epsilon), m, v)
+    return updates, ScaleByAdamKerasState(count=count, m=m, v=v)
+
+  return optax.GradientTransformation(init_fn, update_fn)
 
 
 def learning_rate_schedule(config, num_steps: int) -> optax.Schedule:
@@ -65,9 +96,8 @@ def base_optimizer(config, num_steps: int) -> optax.GradientTransformation:
   if name == "rmsprop":
     scale = optax.scale_by_rms(decay=config.get("rho", 0.9), eps=config.get("epsilon", 1e-7), eps_in_sqrt=True)
   elif name == "adam":
-    # Keras Adam's epsilon (1e-7) is added to sqrt(v_hat), as optax does.
-    scale = optax.scale_by_adam(b1=config.get("beta_1", 0.9), b2=config.get("beta_2", 0.999),
-                                eps=config.get("epsilon", 1e-7))
+    scale = scale_by_adam_keras(beta_1=config.get("beta_1", 0.9), beta_2=config.get("beta_2", 0.999),
+                                epsilon=config.get("epsilon", 1e-7))
   elif name == "sgd":
     scale = optax.trace(decay=config.get("momentum", 0.0)) if config.get("momentum", 0.0) else optax.identity()
   else:

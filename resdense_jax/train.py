@@ -335,7 +335,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                      f"the {len(jax.devices())} devices")
   collection = data.discover(resolve_data_root(config, workdir), val_fraction=config.data.val_fraction,
                              seed=config.seed)
-  steps_per_epoch = data.steps_per_epoch(collection.train, batch_size, middle_fraction=config.data.middle_fraction)
+  train_source = data.RawScans(collection.train)
+  val_source = data.RawScans(collection.validation)
+  steps_per_epoch = data.steps_per_epoch(train_source, batch_size, middle_fraction=config.data.middle_fraction)
   plan = plan_phases(config, steps_per_epoch)
   total_steps = plan[-1][3]
   eval_every = steps_per_epoch * config.train.eval_every_epochs
@@ -345,11 +347,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
   variables = initialized(init_rng, model, config.data.image_size)
   train_iter = iter(data.train_pipeline(
-      collection.train, image_size=config.data.image_size, batch_size=batch_size, seed=config.seed,
+      train_source, image_size=config.data.image_size, batch_size=batch_size, seed=config.seed,
       num_epochs=None, augment=config.data.augment, rotation_factor=config.data.rotation_factor,
       middle_fraction=config.data.middle_fraction, num_workers=config.data.num_workers))
 
-  manager = checkpoints.create_manager(workdir / "checkpoints", best_metric=config.eval.best_metric)
+  manager = checkpoints.create_manager(workdir / "checkpoints", best_metric=config.eval.best_metric,
+                                       async_save=config.train.async_checkpointing)
   latest = manager.latest_step()
   if latest is None:
     variables = load_pretrained(model, variables, config.model)
@@ -384,17 +387,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     batch = data.to_global_batch(next(train_iter), batch_sharding)
     state, step_metrics = step_fn(state, batch)
     step += 1
-    loss_sum += float(step_metrics["loss"])
+    loss_sum = loss_sum + step_metrics["loss"]  # stays on device: no host sync per step
     loss_count += 1
     progress.update(1)
     if step % config.train.log_every_steps == 0:
-      progress.set_postfix(loss=f"{loss_sum / max(loss_count, 1):.4f}")
+      progress.set_postfix(loss=f"{float(loss_sum) / max(loss_count, 1):.4f}")
       writer.write_scalars({"train_step_loss": float(step_metrics["loss"])}, step)
     metrics = None
     if step % eval_every == 0 or step == total_steps:
-      results = evaluate.evaluate(eval_fn, state.variables, collection.validation, config, batch_sharding)
+      results = evaluate.evaluate(eval_fn, state.variables, val_source, config, batch_sharding)
       record = {"step": step, "epoch": -(-step // steps_per_epoch), "phase": phase.index,
-                "phase_name": phase.name, "train_loss": loss_sum / max(loss_count, 1),
+                "phase_name": phase.name, "train_loss": float(loss_sum) / max(loss_count, 1),
                 **{f"val_{k}": v for k, v in results.items()}}
       writer.write(record)
       tqdm.tqdm.write(_summary_line(record))
@@ -402,7 +405,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
       loss_sum, loss_count = 0.0, 0
     every = config.train.checkpoint_every_steps
     if metrics is not None or (every and step % every == 0) or step == stop:
-      meta = {"step": step, "phase": phase.index, "loss_sum": loss_sum, "loss_count": loss_count}
+      meta = {"step": step, "phase": phase.index, "loss_sum": float(loss_sum), "loss_count": loss_count}
       checkpoints.save(manager, step, state, train_iter, meta, metrics=metrics)
   progress.close()
   manager.wait_until_finished()
@@ -410,7 +413,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   best = manager.best_step()
   record = dict(record)
   record["best_step"] = best
-  record["best_" + config.eval.best_metric] = checkpoints.best_metric_value(workdir / "metrics.jsonl", best,
-                                                                            config.eval.best_metric)
+  record["best_" + config.eval.best_metric] = checkpoints.best_metric_value(manager, best, config.eval.best_metric)
   manager.close()
   return record

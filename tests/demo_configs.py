@@ -1,0 +1,43 @@
+"""Tiny configs and collections shared by the engine tests (no pretrained weights, 32x32 slices)."""
+
+import pathlib
+import sys
+import tempfile
+
+import jax
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "configs"))
+
+import common  # noqa: E402
+
+from resdense_jax import data  # noqa: E402
+
+# The engine tests run the same small programs several times (a run, a killed run, its resumption): a
+# compilation cache for this test process compiles each once.
+jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="resdense_jax_test_xla_"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+TINY_BACKBONES = {"resnet50": dict(stage_sizes=(1, 1, 1, 1), filters=(4, 8, 8, 8), stem_filters=8),
+                  "densenet121": dict(blocks=(1, 1, 1, 1), growth_rate=4, stem_filters=8)}
+
+
+def tiny_config():
+  config = common.get_base_config()
+  config.data.image_size = 32
+  config.model.backbones = ("resnet50", "densenet121")
+  config.model.backbone_kwargs = TINY_BACKBONES
+  config.model.fusion_filters = 8
+  config.model.pretrained = "none"
+  config.train.batch_size = 8
+  config.train.log_every_steps = 2
+  config.phases = [common.phase("head", 1, ("backbones",), optimizer="rmsprop", learning_rate=1e-3),
+                   common.phase("finetune", 2, ("backbones:10",), optimizer="adam", learning_rate=1e-3)]
+  config.eval.batch_size = 16
+  return config
+
+
+def tiny_collection(root: pathlib.Path) -> pathlib.Path:
+  return data.synthetic.write_collection(root, num_scans={"train": (3, 3), "validation": (2, 2), "test": 0},
+                                         slice_size=32, num_slices=(4, 6), seed=0, progress=False)

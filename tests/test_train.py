@@ -1,0 +1,164 @@
+"""The train step with freezing (bitwise-frozen weights and BatchNorm statistics), phases, and kill-and-resume."""
+
+import functools
+import json
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from resdense_jax import checkpoints, losses, optim, train
+
+import demo_configs
+
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def setup():
+  # The architecture of demo_configs.tiny_config(), so the kill-and-resume test reuses compiled programs.
+  model = train.create_model(demo_configs.tiny_config().model)
+  variables = train.initialized(jax.random.PRNGKey(0), model, SIZE)
+  rng = np.random.default_rng(0)
+  batches = [{"image": jnp.asarray(rng.integers(0, 256, (8, SIZE, SIZE, 3)), jnp.uint8),
+              "label": jnp.asarray(rng.integers(0, 2, 8), jnp.int32)} for _ in range(3)]
+  return model, variables, batches
+
+
+def _run(model, variables, batches, rules):
+  keras_layers = model.keras_layers()
+  labels = optim.freeze_labels(variables["params"], rules, keras_layers)
+  phase_model = model.clone(frozen_bn=tuple(optim.frozen_batchnorm(labels, keras_layers).items()))
+  tx = optim.create_optimizer(ml_collections.ConfigDict({"name": "rmsprop", "learning_rate": 1e-3}), labels, 3)
+  state = train.TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
+                           batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"]),
+                           rng=jax.random.PRNGKey(1))
+  mesh = train.create_mesh()
+  phase = train.Phase(0, "test", 0, 3, labels, phase_model, tx)
+  step = train.compile_train_step(phase, losses.binary_cross_entropy, mesh)
+  state = jax.device_put(state, train.replicated(mesh))
+  for batch in batches:
+    state, metrics = step(state, batch)
+    assert np.isfinite(float(metrics["loss"]))
+  return labels, state
+
+
+def test_frozen_weights_and_batchnorm_statistics_stay_bitwise(setup):
+  model, variables, batches = setup
+  # Host copies: the step donates its state.
+  before = jax.tree.map(np.asarray, variables)
+  labels, state = _run(model, variables, batches, ("backbones:20", "re:densenet121/conv5.*"))
+  flat_labels = traverse_util.flatten_dict(labels)
+  new_params = traverse_util.flatten_dict(jax.tree.map(np.asarray, state.params))
+  old_params = traverse_util.flatten_dict(before["params"])
+  frozen = [k for k, v in flat_labels.items() if v == optim.FROZEN]
+  trainable = [k for k, v in flat_labels.items() if v == optim.TRAINABLE]
+  assert frozen and trainable
+  for k in frozen:
+    assert np.array_equal(new_params[k], old_params[k]), "/".join(k)
+  changed = [k for k in trainable if not np.array_equal(new_params[k], old_params[k])]
+  # Biases of convs right before a BatchNorm get ~zero gradient; everything else must move.
+  assert len(changed) >= 0.9 * len(trainable)
+  frozen_bn = optim.frozen_batchnorm(labels, model.keras_layers())
+  new_stats = traverse_util.flatten_dict(jax.tree.map(np.asarray, state.batch_stats))
+  old_stats = traverse_util.flatten_dict(before["batch_stats"])
+  for backbone, names in frozen_bn.items():
+    for name in names:
+      for stat in ("mean", "var"):
+        assert np.array_equal(new_stats[(backbone, name, stat)], old_stats[(backbone, name, stat)])
+  live = [k for k in new_stats if k[1] not in frozen_bn[k[0]]]
+  assert live and all(not np.array_equal(new_stats[k], old_stats[k]) for k in live)
+
+
+def test_backbone_bn_inference_keeps_every_statistic(setup):
+  model, variables, batches = setup
+  inference_bn = model.clone(backbone_bn_inference=True)
+  forward = jax.jit(lambda v, x: inference_bn.apply(v, x, train=True, mutable=["batch_stats"], rngs={
+      "dropout": jax.random.PRNGKey(0)})[1]["batch_stats"])
+  kept = forward(variables, batches[0]["image"])
+  for a, b in zip(jax.tree.leaves(variables["batch_stats"]), jax.tree.leaves(kept)):
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_phase_plan_and_phase_models():
+  config = demo_configs.tiny_config()
+  plan = train.plan_phases(config, steps_per_epoch=5)
+  assert [(p[0], p[2], p[3]) for p in plan] == [("head", 0, 5), ("finetune", 5, 15)]
+  assert train.phase_index_at(plan, 4) == 0 and train.phase_index_at(plan, 5) == 1
+  model = train.create_model(config.model)
+  params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, SIZE, SIZE, 3))))["params"]
+  head = train.create_phase(0, plan, config, params)
+  assert optim.count(head.labels, params)[optim.TRAINABLE] == sum(
+      p.size for k, p in traverse_util.flatten_dict(params).items() if k[0] not in ("resnet50", "densenet121"))
+  assert all(len(names) > 0 for _, names in head.model.frozen_bn)
+
+
+def test_kill_and_resume_equals_uninterrupted_run(tmp_path, monkeypatch):
+  config = demo_configs.tiny_config()
+  config.train.checkpoint_every_steps = 2
+  config.train.async_checkpointing = False
+  data_root = demo_configs.tiny_collection(tmp_path / "data")
+  config.data.root = str(data_root)
+  straight = train.train_and_evaluate(config, tmp_path / "straight")
+
+  # A run "killed" (an exception mid-step, nothing saved at that moment) after 7 steps, then resumed.
+  real_compile = train.compile_train_step
+  calls = {"n": 0}
+
+  def dying_compile(*args, **kwargs):
+    step = real_compile(*args, **kwargs)
+
+    def dying_step(state, batch):
+      if calls["n"] == 7:
+        raise KeyboardInterrupt("killed")
+      calls["n"] += 1
+      return step(state, batch)
+    return dying_step
+
+  monkeypatch.setattr(train, "compile_train_step", dying_compile)
+  with pytest.raises(KeyboardInterrupt):
+    train.train_and_evaluate(config, tmp_path / "resumed")
+  monkeypatch.setattr(train, "compile_train_step", real_compile)
+  resumed = train.train_and_evaluate(config, tmp_path / "resumed")
+
+  assert resumed["step"] == straight["step"]
+  for key in ("train_loss", "val_scan_macro_f1", "val_scan_auc", "val_slice_accuracy"):
+    assert resumed[key] == pytest.approx(straight[key], rel=1e-6, abs=1e-7), key
+  a = [json.loads(l) for l in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+  b = [json.loads(l) for l in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in a] == [r["step"] for r in b]
+  for ra, rb in zip(a, b):
+    assert ra["train_loss"] == pytest.approx(rb["train_loss"], rel=1e-6)
+  # The final weights agree too (to float noise: the same ops on the same data in the same order).
+  _, va, _ = checkpoints.load_for_inference(tmp_path / "straight" / "checkpoints" / str(straight["step"]))
+  _, vb, _ = checkpoints.load_for_inference(tmp_path / "resumed" / "checkpoints" / str(resumed["step"]))
+  for x, y in zip(jax.tree.leaves(va), jax.tree.leaves(vb)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-7)
+  _check_workdir(tmp_path / "straight", straight)
+
+
+def _check_workdir(workdir, result):
+  """metrics.jsonl fields, TensorBoard events, resolved config, and the best checkpoint restored by path."""
+  saved = json.loads((workdir / "checkpoints" / "config.json").read_text())
+  assert saved["model"]["backbone_kwargs"]["resnet50"]["filters"] == [4, 8, 8, 8]
+  assert (workdir / "config.json").is_file()
+  records = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert [r["phase"] for r in records] == [0, 1, 1] and [r["epoch"] for r in records] == [1, 2, 3]
+  for key in ("step", "epoch", "phase", "train_loss", "val_scan_macro_f1", "val_scan_f1_covid",
+              "val_scan_f1_noncovid", "val_scan_accuracy", "val_scan_auc", "val_slice_accuracy"):
+    assert key in records[-1]
+  best = max(records, key=lambda r: r["val_scan_macro_f1"])
+  assert result["best_val_scan_macro_f1"] == pytest.approx(best["val_scan_macro_f1"])
+  assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+  model, variables, config = checkpoints.load_for_inference(workdir)
+  assert config.model.fusion_filters == 8
+  x = jnp.zeros((2, SIZE, SIZE, 3))
+  out = model.apply(variables, x)
+  for path in (workdir / "checkpoints", workdir / "checkpoints" / str(result["best_step"])):
+    _, again, _ = checkpoints.load_for_inference(path)
+    np.testing.assert_array_equal(model.apply(again, x), out)
+  with pytest.raises(FileNotFoundError, match="not a checkpoint"):
+    checkpoints.load_for_inference(workdir / "tensorboard")
