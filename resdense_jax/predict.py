@@ -1,0 +1,381 @@
+"""Predicting COVID-19 from CT scans with a trained Res-Dense Net.
+
+    python -m resdense_jax.predict --checkpoint=runs/resdense --input=/data/COV19-CT-DB/test \
+        --out=predictions.csv --per_slice=slices.csv --submission=submission/
+
+`--input` is one scan (a folder of slice images, a folder holding one DICOM series, or a NIfTI file), a
+folder of such scans, a COV19-CT-DB split (`<split>/{covid,non-covid}/<scan>/` or `test/<scan>/`) or a whole
+COV19-CT-DB root. Every slice goes through the model exactly as the evaluation step does (resize to the
+checkpoint's image size, grey to RGB, `train.eval_step`), and a scan's score is its slices' probabilities
+aggregated by the checkpoint's rule (`config.eval.aggregation`, the paper's mean by default) over the middle
+fraction of slices the evaluation uses (`config.eval.middle_fraction`); a scan is COVID when its score is above
+`config.eval.threshold`. `--aggregation` and `--threshold` override them.
+
+Library use:
+
+    predictor = Predictor.from_checkpoint("runs/resdense")
+    p_covid, slice_probs = predictor.predict_scan("/data/scan_folder")
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import os
+import pathlib
+import re
+import sys
+import tempfile
+from typing import Iterable, Sequence
+
+import numpy as np
+
+CSV_COLUMNS = ("scan_id", "path", "n_slices", "p_covid", "label")
+PER_SLICE_COLUMNS = ("scan_id", "path", "slice_index", "p_covid")
+SUBMISSION_FILES = {1: "covid.csv", 0: "non-covid.csv"}
+_CLASS_FOLDERS = {"covid": 1, "noncovid": 0}
+
+
+# ------------------------------------------------------------------------------------------------ results
+
+
+@dataclasses.dataclass
+class ScanPrediction:
+  """One scan's prediction. `label` is the predicted class (1 COVID, 0 non-COVID); `true_label` the known
+  class from a labelled collection folder (None otherwise). `slice_probs` covers every slice read."""
+  scan_id: str
+  path: pathlib.Path
+  p_covid: float
+  label: int
+  slice_probs: np.ndarray
+  true_label: int | None = None
+
+  @property
+  def n_slices(self) -> int:
+    return int(len(self.slice_probs))
+
+
+@dataclasses.dataclass
+class Failure:
+  """An input that could not be read, and why."""
+  path: pathlib.Path
+  message: str
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+
+
+def _visible_children(folder: pathlib.Path) -> list[pathlib.Path]:
+  from resdense_jax.data.scans import natural_key  # pylint: disable=g-import-not-at-top
+
+  return sorted((p for p in folder.iterdir() if not p.name.startswith((".", "_"))),
+                key=lambda p: natural_key(p.name))
+
+
+def _is_scan_folder(folder: pathlib.Path) -> bool:
+  """Slice images or DICOM files directly inside: one scan, not a folder of scans."""
+  from resdense_jax.data import dicom, scans  # pylint: disable=g-import-not-at-top
+
+  return any(p.is_file() and (scans.is_image(p) or dicom.is_dicom_file(p)) for p in folder.iterdir())
+
+
+def _class_label(name: str) -> int | None:
+  return _CLASS_FOLDERS.get(re.sub(r"[\s_\-]", "", name.lower()))
+
+
+def _labelled_folder_scans(folder: pathlib.Path, split: str):
+  """Scans of `<folder>/{covid,non-covid}/` (whichever class folders are there), labelled."""
+  from resdense_jax.data.discover import scans_in  # pylint: disable=g-import-not-at-top
+
+  refs = []
+  for child in _visible_children(folder):
+    label = _class_label(child.name) if child.is_dir() else None
+    if label is not None:
+      refs.extend(scans_in(child, label=label, split=split))
+  return refs
+
+
+def find_scans(path: str | os.PathLike) -> list:
+  """The scans (data.ScanRef) `path` stands for: one scan, a folder of scans, a split or a collection root."""
+  from resdense_jax.data import scans  # pylint: disable=g-import-not-at-top
+  from resdense_jax.data.discover import SPLIT_NAMES, scans_in  # pylint: disable=g-import-not-at-top
+
+  path = pathlib.Path(path).expanduser()
+  if not path.exists():
+    raise scans.ScanError(path, "no such scan, folder of scans or COV19-CT-DB folder")
+  if path.is_file() or _is_scan_folder(path):
+    scan_id = re.sub(r"\.nii(\.gz)?$", "", path.name, flags=re.IGNORECASE)
+    return [scans.ScanRef(scan_id=scan_id, path=path, label=None, split="")]
+  children = [p for p in _visible_children(path) if p.is_dir()]
+  splits = [p for p in children if p.name.lower() in SPLIT_NAMES]
+  if splits:  # a COV19-CT-DB root: every split, labelled where the class folders say so
+    refs = []
+    for split_dir in splits:
+      split = SPLIT_NAMES[split_dir.name.lower()]
+      labelled = _labelled_folder_scans(split_dir, split)
+      refs.extend(labelled or scans_in(split_dir, label=None, split=split))
+  elif any(_class_label(p.name) is not None for p in children):
+    refs = _labelled_folder_scans(path, path.name)
+  else:
+    refs = scans_in(path, label=None, split=path.name)
+  if not refs:
+    raise scans.ScanError(path, "no scans found: expected slice images, DICOM files, NIfTI volumes, "
+                          "folders of them, or a COV19-CT-DB split")
+  return refs
+
+
+# --------------------------------------------------------------------------------------------- predictor
+
+
+class Predictor:
+  """A trained Res-Dense Net applied to whole scans, exactly as the evaluation step applies it.
+
+  Attributes:
+    model, variables, config: as `checkpoints.load_for_inference` returns them.
+    aggregation: "mean" (the paper) or "vote" (the authors' code); threshold: COVID when score > threshold.
+  """
+
+  def __init__(self, model, variables: dict, config, *, aggregation: str | None = None,
+               threshold: float | None = None, batch_size: int | None = None):
+    import jax  # pylint: disable=g-import-not-at-top
+
+    from resdense_jax import metrics, train  # pylint: disable=g-import-not-at-top
+
+    self.model, self.config = model, config
+    self.aggregation = aggregation or config.eval.aggregation
+    if self.aggregation not in metrics.AGGREGATIONS:
+      raise ValueError(f"unknown aggregation {self.aggregation!r}; choose one of {metrics.AGGREGATIONS}")
+    self.threshold = float(config.eval.threshold if threshold is None else threshold)
+    self.image_size = int(config.data.image_size)
+    self.middle_fraction = float(config.eval.middle_fraction)
+    self.batch_size = int(batch_size or config.eval.batch_size)
+    mesh = train.create_mesh()
+    if self.batch_size % mesh.size:
+      raise ValueError(f"batch size {self.batch_size} must divide evenly over the {mesh.size} devices")
+    self._sharding = train.data_sharded(mesh)
+    self.variables = jax.device_put(variables, train.replicated(mesh))
+    self._eval_fn = train.compile_eval_step(model, mesh)
+
+  @classmethod
+  def from_checkpoint(cls, checkpoint_dir: str | os.PathLike, **overrides) -> "Predictor":
+    """From a workdir, its checkpoints/ folder (the best step) or one step folder."""
+    from resdense_jax import checkpoints  # pylint: disable=g-import-not-at-top
+
+    model, variables, config = checkpoints.load_for_inference(checkpoint_dir)
+    return cls(model, variables, config, **overrides)
+
+  def model_inputs(self, slices: np.ndarray) -> np.ndarray:
+    """uint8 [n, h, w] slices -> uint8 [n, S, S, 3], the eval pipeline's resize and grey-to-RGB."""
+    from resdense_jax.data import augment  # pylint: disable=g-import-not-at-top
+
+    return np.stack([augment.grey_to_rgb(augment.resize(s, self.image_size)) for s in slices])
+
+  def slice_probabilities(self, slices: np.ndarray) -> np.ndarray:
+    """P(COVID) of every slice of uint8 [n, h, w] `slices`, float32 [n]."""
+    from resdense_jax import data  # pylint: disable=g-import-not-at-top
+
+    slices = np.asarray(slices)
+    if slices.ndim != 3 or slices.dtype != np.uint8 or not len(slices):
+      raise ValueError(f"slices must be uint8 [n, h, w] with n >= 1, got {slices.dtype} {slices.shape}")
+    probs = []
+    for start in range(0, len(slices), self.batch_size):
+      images = self.model_inputs(slices[start:start + self.batch_size])
+      count = len(images)
+      # Padded to one batch shape so the step compiles once.
+      images = np.concatenate([images, np.zeros((self.batch_size - count, *images.shape[1:]), np.uint8)])
+      out = self._eval_fn(self.variables, data.to_global_batch({"image": images}, self._sharding)["image"])
+      probs.append(np.asarray(out, np.float32)[:count])
+    return np.concatenate(probs)
+
+  def scan_score(self, slice_probs: np.ndarray) -> float:
+    """The scan's score from all its slice probabilities: the evaluation's middle slices and rule."""
+    from resdense_jax import metrics  # pylint: disable=g-import-not-at-top
+    from resdense_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+
+    rows = pipeline.select_slices(np.asarray([len(slice_probs)]), self.middle_fraction)
+    kept = np.asarray(slice_probs)[rows[:, 1]]
+    return float(metrics.aggregate_scans(kept, np.zeros(len(kept), np.int64), 1, rule=self.aggregation)[0])
+
+  def predict_scan(self, scan_or_path) -> tuple[float, np.ndarray]:
+    """(P(COVID) of the scan, P(COVID) of each slice) for a data.Scan or a scan path."""
+    scan = self._read(scan_or_path)
+    slice_probs = self.slice_probabilities(scan.slices)
+    return self.scan_score(slice_probs), slice_probs
+
+  def predict(self, scan_or_ref) -> ScanPrediction:
+    """A ScanPrediction for a data.Scan, data.ScanRef or path (raises when it cannot be read)."""
+    ref_label = getattr(scan_or_ref, "label", None) if not hasattr(scan_or_ref, "slices") else None
+    scan = self._read(scan_or_ref)
+    p_covid, slice_probs = self.predict_scan(scan)
+    true_label = scan.label if scan.label is not None else ref_label
+    return ScanPrediction(scan_id=scan.scan_id, path=pathlib.Path(scan.path or scan.scan_id),
+                          p_covid=p_covid, label=int(p_covid > self.threshold), slice_probs=slice_probs,
+                          true_label=true_label)
+
+  def predict_many(self, inputs: Iterable, *, progress: bool = True
+                   ) -> tuple[list[ScanPrediction], list[Failure]]:
+    """Predicts every input (Scan, ScanRef or path); one that cannot be read is reported, not fatal."""
+    import tqdm  # pylint: disable=g-import-not-at-top
+
+    inputs = list(inputs)
+    predictions, failures = [], []
+    for item in tqdm.tqdm(inputs, desc="predict", unit="scan", disable=not progress, dynamic_ncols=True):
+      try:
+        predictions.append(self.predict(item))
+      except Exception as error:  # pylint: disable=broad-except  (one bad scan must not stop the others)
+        path = pathlib.Path(getattr(item, "path", None) or str(item))
+        message = str(error) if str(error).startswith(str(path)) else f"{path}: {error}"
+        failures.append(Failure(path, f"{message} [{type(error).__name__}]"))
+        tqdm.tqdm.write(f"cannot read {failures[-1].message}", file=sys.stderr)
+    return predictions, failures
+
+  @staticmethod
+  def _read(scan_or_ref):
+    from resdense_jax import data  # pylint: disable=g-import-not-at-top
+
+    if hasattr(scan_or_ref, "slices"):
+      return scan_or_ref
+    if hasattr(scan_or_ref, "scan_id") and hasattr(scan_or_ref, "path"):
+      return data.read_scan(scan_or_ref.path, scan_id=scan_or_ref.scan_id, label=scan_or_ref.label)
+    return data.read_scan(scan_or_ref)
+
+
+# ------------------------------------------------------------------------------------------------ outputs
+
+
+def _write_atomic(path: pathlib.Path, rows: Sequence[Sequence], header: Sequence[str] | None) -> pathlib.Path:
+  """CSV written to a temporary file beside `path`, then renamed over it."""
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+  try:
+    with os.fdopen(fd, "w", newline="") as f:
+      writer = csv.writer(f)
+      if header:
+        writer.writerow(header)
+      writer.writerows(rows)
+    os.replace(tmp, path)
+  except BaseException:
+    pathlib.Path(tmp).unlink(missing_ok=True)
+    raise
+  return path
+
+
+def write_predictions(predictions: Sequence[ScanPrediction], path) -> pathlib.Path:
+  """`scan_id,path,n_slices,p_covid,label` (label: predicted, 1 COVID, 0 non-COVID)."""
+  return _write_atomic(path, _rows(predictions), CSV_COLUMNS)
+
+
+def _rows(predictions: Sequence[ScanPrediction]) -> list[tuple]:
+  return [(p.scan_id, str(p.path), p.n_slices, repr(float(p.p_covid)), p.label) for p in predictions]
+
+
+def write_per_slice(predictions: Sequence[ScanPrediction], path) -> pathlib.Path:
+  """`scan_id,path,slice_index,p_covid`, slices in body-axis order."""
+  rows = [(p.scan_id, str(p.path), i, repr(float(prob)))
+          for p in predictions for i, prob in enumerate(p.slice_probs)]
+  return _write_atomic(path, rows, PER_SLICE_COLUMNS)
+
+
+def write_submission(predictions: Sequence[ScanPrediction], folder) -> dict[int, pathlib.Path]:
+  """The challenge's format: `covid.csv` and `non-covid.csv`, each listing its scan ids, one per line."""
+  ids = [p.scan_id for p in predictions]
+  duplicated = sorted({i for i in ids if ids.count(i) > 1})
+  if duplicated:
+    raise ValueError(f"scan ids occur more than once ({', '.join(duplicated[:5])}); a submission lists each "
+                     "scan id once: predict one split (e.g. test/) at a time")
+  folder = pathlib.Path(folder)
+  return {label: _write_atomic(folder / name, [(p.scan_id,) for p in predictions if p.label == label], None)
+          for label, name in SUBMISSION_FILES.items()}
+
+
+def summary(predictions: Sequence[ScanPrediction], failures: Sequence[Failure], predictor: Predictor) -> str:
+  """A few lines: counts per predicted class, failures, and metrics where the true classes are known."""
+  from resdense_jax import metrics  # pylint: disable=g-import-not-at-top
+
+  covid = sum(p.label for p in predictions)
+  lines = [f"predicted {len(predictions)} scans ({covid} COVID, {len(predictions) - covid} non-COVID; "
+           f"{predictor.aggregation} of slice probabilities > {predictor.threshold:g})"]
+  if failures:
+    lines.append(f"{len(failures)} inputs could not be read:")
+    lines.extend(f"  {f.message}" for f in failures)
+  known = [p for p in predictions if p.true_label is not None]
+  if known:
+    result = metrics.classification_metrics(np.asarray([p.true_label for p in known]),
+                                            np.asarray([p.p_covid for p in known]), threshold=predictor.threshold)
+    lines.append(f"on the {len(known)} labelled scans: macro-F1 {result['macro_f1']:.4f}, "
+                 f"accuracy {result['accuracy']:.4f}, AUC {result['auc']:.4f}")
+  return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+
+
+def parse_flags(argv: Sequence[str]):
+  """A fresh absl FlagValues parsed from argv (argv[0] is the program), so main() also runs in-process."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+
+  fv = flags.FlagValues()
+  flags.DEFINE_string("checkpoint", None, "A training workdir, its checkpoints/ folder, or one step folder.",
+                      flag_values=fv)
+  flags.DEFINE_string("input", None, "A scan (slice-image folder, DICOM series folder, NIfTI file), a folder of "
+                      "scans, a COV19-CT-DB split or root.", flag_values=fv)
+  flags.DEFINE_string("out", None, "CSV with one row per scan (scan_id,path,n_slices,p_covid,label); "
+                      "default: printed to stdout.", flag_values=fv)
+  flags.DEFINE_string("per_slice", None, "CSV with every slice's probability (scan_id,path,slice_index,p_covid).",
+                      flag_values=fv)
+  flags.DEFINE_string("submission", None, "Folder for the challenge submission: covid.csv and non-covid.csv.",
+                      flag_values=fv)
+  flags.DEFINE_enum("aggregation", None, ["mean", "vote"], "Scan rule; default: the checkpoint's config.eval.",
+                    flag_values=fv)
+  flags.DEFINE_float("threshold", None, "COVID when the scan score is above this; default: the checkpoint's.",
+                     flag_values=fv)
+  flags.DEFINE_integer("batch_size", None, "Slices per forward pass; default: config.eval.batch_size.",
+                       flag_values=fv)
+  flags.DEFINE_boolean("progress", True, "Show a progress bar over the scans.", flag_values=fv)
+  flags.mark_flags_as_required(["checkpoint", "input"], flag_values=fv)
+  extra = fv(list(argv))[1:]
+  if extra:
+    raise flags.Error(f"unexpected arguments: {' '.join(extra)}")
+  return fv
+
+
+def main(argv: Sequence[str]) -> int:
+  """The command line; returns the exit status (1 when nothing could be read)."""
+  from absl import flags as absl_flags  # pylint: disable=g-import-not-at-top
+
+  try:
+    fl = parse_flags(argv)
+  except absl_flags.Error as error:
+    print(f"error: {error}\nusage: python -m resdense_jax.predict --checkpoint=DIR --input=PATH "
+          "[--out=FILE.csv] [--per_slice=FILE.csv] [--submission=DIR] [--aggregation=mean|vote] "
+          "[--threshold=T]", file=sys.stderr)
+    return 2
+  try:
+    refs = find_scans(fl.input)
+  except (OSError, ValueError) as error:
+    print(f"error: {error}", file=sys.stderr)
+    return 1
+  predictor = Predictor.from_checkpoint(fl.checkpoint, aggregation=fl.aggregation, threshold=fl.threshold,
+                                        batch_size=fl.batch_size)
+  predictions, failures = predictor.predict_many(refs, progress=fl.progress)
+  print(summary(predictions, failures, predictor), file=sys.stderr)
+  if not predictions:
+    print(f"error: none of the {len(refs)} inputs under {fl.input} could be read", file=sys.stderr)
+    return 1
+  if fl.out:
+    print(f"wrote {write_predictions(predictions, fl.out)}", file=sys.stderr)
+  else:
+    writer = csv.writer(sys.stdout)
+    writer.writerow(CSV_COLUMNS)
+    writer.writerows(_rows(predictions))
+  if fl.per_slice:
+    print(f"wrote {write_per_slice(predictions, fl.per_slice)}", file=sys.stderr)
+  if fl.submission:
+    files = write_submission(predictions, fl.submission)
+    print(f"wrote {files[1]} and {files[0]}", file=sys.stderr)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv))
