@@ -25,6 +25,10 @@ install: $(STAMP)
 
 demo: $(RUNTIME_STAMP)
 	$(PY) -m resdense_jax.main --config=configs/demo.py --workdir=$(DEMO_WORKDIR)
+	$(PY) -m resdense_jax.reports --workdir=$(DEMO_WORKDIR)
+	$(PY) -m resdense_jax.explain --checkpoint=$(DEMO_WORKDIR) --out=$(DEMO_WORKDIR)/explain \
+	  --scan=$$(ls -d $(DEMO_WORKDIR)/synthetic_ct/validation/covid/*/ | head -n 1)
+	@echo "demo: report in $(DEMO_WORKDIR)/report, explanation of one validation COVID scan in $(DEMO_WORKDIR)/explain"
 
 test: $(STAMP)
 	JAX_PLATFORMS=cpu KERAS_BACKEND=jax $(PY) -m pytest -n 2 --dist loadfile -q tests
