@@ -6,7 +6,10 @@ Writes (once, reused afterwards) a synthetic collection of 512x512 JPEG slices a
 prepared 256 px array_record copy under --workdir, then times augmented batches. Figures:
   slices/s      wall-clock throughput of the whole pipeline;
   per CPU-s     slices per CPU-second of this process (all its threads; worker processes
-                are timed from /proc), i.e. what one core sustains.
+                are timed from /proc), i.e. what one core sustains;
+  cores         CPU-seconds per wall-second: how many cores the configuration kept busy.
+                Workers scale when slices/s grows with cores at a steady per CPU-s (on a
+                machine shared with other jobs the cores column saturates early).
 The target: prepared data >= 1000 augmented 256x256 slices per second per core.
 """
 
@@ -27,6 +30,8 @@ flags.DEFINE_integer("batch_size", 32, "Batch size.")
 flags.DEFINE_integer("batches", 40, "Timed batches per configuration.")
 flags.DEFINE_list("workers", ["0", "1", "2"], "grain worker processes to try.")
 flags.DEFINE_list("threads", ["1", "8"], "Decoding threads per process to try.")
+flags.DEFINE_list("sources", ["raw", "prepared"], "raw (JPEG folders) and/or prepared data.")
+flags.DEFINE_integer("repeats", 1, "Timings per configuration (the median is reported).")
 FLAGS = flags.FLAGS
 
 
@@ -74,7 +79,7 @@ def _collection(workdir: Path) -> tuple[Path, Path]:
   return root, prepared
 
 
-def _time(source, workers: int, threads: int) -> tuple[float, float]:
+def _time(source, workers: int, threads: int) -> tuple[float, float, float]:
   from resdense_jax import data
 
   ds = data.train_pipeline(source, image_size=FLAGS.image_size, batch_size=FLAGS.batch_size,
@@ -89,26 +94,30 @@ def _time(source, workers: int, threads: int) -> tuple[float, float]:
   if hasattr(it, "close"):
     it.close()
   slices = FLAGS.batches * FLAGS.batch_size
-  return slices / wall, slices / max(cpu, 1e-9)
+  return slices / wall, slices / max(cpu, 1e-9), cpu / wall
 
 
 def main(argv):
   del argv
-  import cv2
   from resdense_jax import data
 
-  cv2.setNumThreads(1)  # One core per decoding thread; parallelism comes from grain.
   root, prepared = _collection(Path(FLAGS.workdir))
-  sources = {"raw 512px JPEG folders": data.discover(root).train,
-             "prepared 256px array_record": data.PreparedData(prepared, "train")}
+  sources = {}
+  if "raw" in FLAGS.sources:
+    sources["raw 512px JPEG folders"] = data.discover(root).train
+  if "prepared" in FLAGS.sources:
+    sources["prepared 256px array_record"] = data.PreparedData(prepared, "train")
   print(f"{os.cpu_count()} CPUs; batch {FLAGS.batch_size}, {FLAGS.batches} timed batches, "
-        f"augmented {FLAGS.image_size}x{FLAGS.image_size} slices")
-  print(f"{'source':30s} {'workers':>7s} {'threads':>7s} {'slices/s':>10s} {'per CPU-s':>10s}")
+        f"augmented {FLAGS.image_size}x{FLAGS.image_size} slices, median of {FLAGS.repeats}")
+  print(f"{'source':30s} {'workers':>7s} {'threads':>7s} {'slices/s':>10s} {'per CPU-s':>10s} "
+        f"{'cores':>6s}")
   for name, source in sources.items():
     for workers in map(int, FLAGS.workers):
       for threads in map(int, FLAGS.threads):
-        rate, per_cpu = _time(source, workers, threads)
-        print(f"{name:30s} {workers:7d} {threads:7d} {rate:10.0f} {per_cpu:10.0f}", flush=True)
+        runs = [_time(source, workers, threads) for _ in range(FLAGS.repeats)]
+        rate, per_cpu, cores = sorted(runs, key=lambda run: run[1])[len(runs) // 2]
+        print(f"{name:30s} {workers:7d} {threads:7d} {rate:10.0f} {per_cpu:10.0f} {cores:6.2f}",
+              flush=True)
 
 
 if __name__ == "__main__":

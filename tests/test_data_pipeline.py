@@ -191,3 +191,60 @@ def test_to_global_batch_on_a_data_mesh():
   assert isinstance(out["label"], jax.Array) and out["label"].sharding == sharding
   np.testing.assert_array_equal(np.asarray(out["label"]), batch["label"])
   assert out["image"].shape == (4 * jax.process_count(), 8, 8, 3)
+
+
+def test_resume_is_exact_where_bad_slices_shift_the_batches():
+  source = TaggedSlices([9, 8, 7], bad={(0, 3), (1, 5), (2, 0)})
+  make = lambda: data.train_pipeline(source, image_size=8, batch_size=4, seed=5, augment=False,
+                                     read_threads=2)
+  with pytest.warns(data.DataWarning):
+    it = iter(make())
+    for _ in range(3):
+      next(it)
+    state = it.get_state()
+    expected = [_tags(next(it)) for _ in range(9)]  # Crosses two epoch boundaries.
+    resumed = iter(make())
+    resumed.set_state(state)
+    assert [_tags(next(resumed)) for _ in range(9)] == expected
+  bad = {(0, 3), (1, 5), (2, 0)}
+  assert all(len(tags) == 4 and not set(tags) & bad for tags in expected)
+  per_epoch = 24 - 3  # The good slices of an epoch, each exactly once.
+  stream = [t for tags in expected for t in tags]
+  start = 3 * 4 % per_epoch
+  assert sorted(stream[per_epoch - start:2 * per_epoch - start]) == sorted(
+      (s, i) for s, n in enumerate(source.num_slices) for i in range(n) if (s, i) not in bad)
+
+
+def test_augmented_batches_flip_like_keras_and_rotate_with_fill():
+  source = TaggedSlices([16, 16], size=16)
+  plain = _train_images(source, augment=False)
+  flipped = _train_images(source, rotation_factor=0.0)
+  mirrored = [np.array_equal(a, p[:, ::-1]) for a, p in zip(flipped, plain)]
+  unchanged = [np.array_equal(a, p) for a, p in zip(flipped, plain)]
+  assert all(m or u for m, u in zip(mirrored, unchanged))
+  assert 4 < sum(mirrored) < 28  # Each slice mirrored with probability 1/2.
+  bright = TaggedSlices([16, 16], size=16)
+  bright.load = lambda scan, slice_: np.full((16, 16), 200, np.uint8)
+  rotated = _train_images(bright, rotation_factor=0.2)
+  corners = rotated[:, [0, 0, -1, -1], [0, -1, 0, -1]]
+  assert rotated[:, 8, 8].min() == 200 and (corners == 0).mean() > 0.3  # Filled with 0.
+
+
+def _train_images(source, **kwargs):
+  ds = data.train_pipeline(source, image_size=16, batch_size=8, seed=7, num_epochs=1, **kwargs)
+  return np.concatenate([batch["image"][..., 0] for batch in ds])
+
+
+def test_single_warp_flip_and_rotate_matches_flip_then_rotate():
+  from resdense_jax.data import augment
+  rng = np.random.default_rng(0)
+  image = rng.integers(0, 256, (40, 40), dtype=np.uint8)
+  for angle in (0.4, -1.0):
+    reference = augment.rotate(np.ascontiguousarray(image[:, ::-1]), angle).astype(int)
+    out = np.empty_like(image)
+    ours = augment.flip_and_rotate(image, True, angle, out=out)
+    assert ours is out and np.abs(ours.astype(int) - reference).max() <= 1
+    assert np.mean(ours != reference) < 0.01
+  batch = rng.integers(0, 256, (3, 5, 4), dtype=np.uint8)
+  rgb = augment.grey_to_rgb(batch)
+  assert rgb.shape == (3, 5, 4, 3) and all(np.array_equal(rgb[..., c], batch) for c in range(3))

@@ -15,13 +15,19 @@ import cv2
 import numpy as np
 
 
-def resize(image: np.ndarray, size: int) -> np.ndarray:
-  """uint8 `[h, w]` -> `[size, size]`: area averaging when shrinking, bilinear when growing."""
+def resize(image: np.ndarray, size: int, *, out: np.ndarray | None = None) -> np.ndarray:
+  """uint8 `[h, w]` -> `[size, size]`: area averaging when shrinking, bilinear when growing
+  (written into `out` if given)."""
   if image.shape == (size, size):
-    return image
+    if out is None:
+      return image
+    out[...] = image
+    return out
   shrinking = image.shape[0] > size or image.shape[1] > size
-  return cv2.resize(image, (size, size),
-                    interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+  interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
+  if out is None:
+    return cv2.resize(image, (size, size), interpolation=interpolation)
+  return cv2.resize(image, (size, size), dst=out, interpolation=interpolation)
 
 
 def rotation_angle(rng: np.random.Generator, factor: float) -> float:
@@ -30,18 +36,56 @@ def rotation_angle(rng: np.random.Generator, factor: float) -> float:
   return float(rng.uniform(-limit, limit))
 
 
-def rotate(image: np.ndarray, angle: float) -> np.ndarray:
-  """Rotates `[h, w]` counter-clockwise by `angle` radians, bilinear, constant 0 fill."""
-  if angle == 0.0:
-    return image
-  h, w = image.shape[:2]
+def _rotation_matrix(h: int, w: int, angle: float, flip: bool) -> np.ndarray:
+  """Forward 2x3 affine of `flip` (left-right mirror) then rotation by `angle` about the centre."""
   matrix = cv2.getRotationMatrix2D(((w - 1) / 2.0, (h - 1) / 2.0), math.degrees(angle), 1.0)
-  return cv2.warpAffine(image, matrix, (w, h), flags=cv2.INTER_LINEAR,
+  if flip:  # R @ F with F: x -> (w - 1) - x, so one warp does both.
+    matrix[:, 2] += matrix[:, 0] * (w - 1)
+    matrix[:, 0] *= -1.0
+  return matrix
+
+
+def rotate(image: np.ndarray, angle: float, *, out: np.ndarray | None = None) -> np.ndarray:
+  """Rotates `[h, w]` counter-clockwise by `angle` radians, bilinear, constant 0 fill."""
+  return flip_and_rotate(image, False, angle, out=out)
+
+
+def flip_horizontal(image: np.ndarray, *, out: np.ndarray | None = None) -> np.ndarray:
+  return cv2.flip(image, 1) if out is None else cv2.flip(image, 1, dst=out)
+
+
+def flip_and_rotate(image: np.ndarray, flip: bool, angle: float, *,
+                    out: np.ndarray | None = None) -> np.ndarray:
+  """Mirrors `[h, w]` left-right if `flip`, then rotates it by `angle` (see `rotate`), in a
+  single warp (written into `out` if given; the same pixels as flipping first, up to one grey
+  level of OpenCV's fixed-point rounding on a few pixels)."""
+  if angle == 0.0:
+    if flip:
+      return flip_horizontal(image, out=out)
+    if out is None:
+      return image
+    out[...] = image
+    return out
+  h, w = image.shape[:2]
+  matrix = _rotation_matrix(h, w, angle, bool(flip))
+  if out is None:
+    return cv2.warpAffine(image, matrix, (w, h), flags=cv2.INTER_LINEAR,
+                          borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+  return cv2.warpAffine(image, matrix, (w, h), dst=out, flags=cv2.INTER_LINEAR,
                         borderMode=cv2.BORDER_CONSTANT, borderValue=0)
 
 
-def flip_horizontal(image: np.ndarray) -> np.ndarray:
-  return cv2.flip(image, 1)
+def draw_flips_and_angles(rng: np.random.Generator, n: int,
+                          rotation_factor: float) -> tuple[np.ndarray, np.ndarray]:
+  """`n` RandomFlip("horizontal") coins and RandomRotation(rotation_factor) angles, drawn
+  at once (one generator call each instead of two per slice)."""
+  flips = rng.random(n) < 0.5
+  if rotation_factor > 0:
+    limit = rotation_factor * 2.0 * math.pi
+    angles = rng.uniform(-limit, limit, n)
+  else:
+    angles = np.zeros(n)
+  return flips, angles
 
 
 def random_flip_and_rotate(image: np.ndarray, rng: np.random.Generator, *,
@@ -49,14 +93,18 @@ def random_flip_and_rotate(image: np.ndarray, rng: np.random.Generator, *,
   """RandomFlip("horizontal") then RandomRotation(rotation_factor), from one generator."""
   flip = rng.random() < 0.5
   angle = rotation_angle(rng, rotation_factor) if rotation_factor > 0 else 0.0
-  if flip:
-    image = flip_horizontal(image)
-  return rotate(image, angle)
+  return flip_and_rotate(image, flip, angle)
 
 
 def grey_to_rgb(image: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-  """`[h, w]` -> `[h, w, 3]` with the grey value in every channel (into `out` if given)."""
+  """`[..., h, w]` -> `[..., h, w, 3]` with the grey value in every channel (into `out` if
+  given). A batch of slices is converted in one OpenCV call (as one tall image)."""
+  shape = image.shape
+  flat = np.ascontiguousarray(image).reshape(-1, shape[-1])
   if out is None:
-    return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
-  cv2.cvtColor(image, cv2.COLOR_GRAY2RGB, dst=out)
+    out = np.empty((*shape, 3), np.uint8)
+  if not out.flags.c_contiguous or out.shape != (*shape, 3):
+    raise ValueError(f"grey_to_rgb needs a contiguous {(*shape, 3)} output array, got "
+                     f"{out.shape} with strides {out.strides}")
+  cv2.cvtColor(flat, cv2.COLOR_GRAY2RGB, dst=out.reshape(flat.shape[0], shape[-1], 3))
   return out

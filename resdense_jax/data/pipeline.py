@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import collections
 import functools
+import os
+import sys
 import threading
 from pathlib import Path
 from typing import Sequence
 
+import cv2
 import grain
 import jax
 import numpy as np
@@ -22,7 +25,7 @@ from resdense_jax.data import augment
 from resdense_jax.data.scans import (ScanError, ScanRef, SliceError, read_image_slice, read_scan,
                                      scan_files, warn)
 
-# Worker threads per process decoding and augmenting slices (cv2 releases the GIL).
+# Threads per process decoding and augmenting batches (cv2 releases the GIL).
 READ_THREADS = 8
 _LOG_EVERY = 100
 
@@ -55,8 +58,8 @@ class BadSlices:
       raise ScanError(error.path, f"more than half of the slices read so far are unreadable "
                       f"({total} bad, {self.good} good); refusing to train on broken data")
 
-  def ok(self) -> None:
-    self.good += 1  # Racy increments only undercount; the ratio check is a coarse guard.
+  def ok(self, count: int = 1) -> None:
+    self.good += count  # Racy increments only undercount; the ratio check is a coarse guard.
 
   def summary(self) -> str:
     total = sum(self.paths.values())
@@ -156,8 +159,78 @@ def eval_steps(source, batch_size: int, middle_fraction: float = 1.0) -> int:
   return -(-count // batch_size)
 
 
-class _TrainSlice(grain.transforms.RandomMap):
-  """(scan, slice) -> {"image": uint8 grey [S, S], "label": int32}, or None for a bad slice."""
+class _ShuffledBatches(grain.MapDataset):
+  """Batches of (scan, slice) rows, epoch after epoch, each epoch a fresh permutation of
+  `records` from `seed`; batches run on across epoch boundaries and, with `num_epochs`, the
+  last one may be short (the rebatching drops it).
+
+  The permutation is the same on every process; process `shard_index` of `shard_count` takes
+  every shard_count-th record of it. One numpy permutation per epoch instead of grain's
+  `shuffle`, whose per-record index_shuffle cost more than decoding the slice.
+  """
+
+  def __init__(self, records: np.ndarray, *, batch_size: int, seed: int, shard_index: int,
+               shard_count: int, num_epochs: int | None):
+    super().__init__()
+    self._records, self._batch_size, self._seed = records, batch_size, seed
+    self._shard_index, self._shard_count = shard_index, shard_count
+    self._usable = len(records) - len(records) % shard_count
+    self._per_epoch = self._usable // shard_count
+    self._total = None if num_epochs is None else self._per_epoch * num_epochs
+    self._length = sys.maxsize if self._total is None else -(-self._total // batch_size)
+    self._epochs = {}  # The last few epochs' rows of this shard, by epoch.
+
+  def __len__(self) -> int:
+    return self._length
+
+  def __str__(self) -> str:
+    return (f"_ShuffledBatches(records={len(self._records)}, batch_size={self._batch_size}, "
+            f"shard={self._shard_index}/{self._shard_count})")
+
+  def _epoch_rows(self, epoch: int) -> np.ndarray:
+    rows = self._epochs.get(epoch)
+    if rows is None:
+      rng = np.random.default_rng([self._seed & 0xFFFFFFFFFFFFFFFF, epoch])
+      order = rng.permutation(len(self._records))
+      rows = self._records[order[self._shard_index:self._usable:self._shard_count]]
+      recent = {e: r for e, r in self._epochs.items() if e >= epoch - 2}
+      self._epochs = {**recent, epoch: rows}  # Swapped whole: safe under grain's threads.
+    return rows
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    start = index * self._batch_size
+    stop = start + self._batch_size
+    if self._total is not None:
+      stop = min(stop, self._total)
+    parts = []
+    for epoch in range(start // self._per_epoch, (stop - 1) // self._per_epoch + 1):
+      offset = epoch * self._per_epoch
+      parts.append(self._epoch_rows(epoch)[max(start - offset, 0):stop - offset])
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+_CV2_SINGLE_THREADED_IN = None  # pid of the process where OpenCV was made single-threaded.
+
+
+def _single_threaded_cv2() -> None:
+  """One OpenCV thread per grain thread/worker process (parallelism comes from grain;
+  OpenCV's own pool would oversubscribe the cores)."""
+  global _CV2_SINGLE_THREADED_IN
+  if _CV2_SINGLE_THREADED_IN != os.getpid():
+    cv2.setNumThreads(1)
+    _CV2_SINGLE_THREADED_IN = os.getpid()
+
+
+class _TrainBatch(grain.transforms.RandomMap):
+  """[k, 2] (scan, slice) rows -> {"image": uint8 grey [k', S, S], "label": int32 [k']} of
+  the k' <= k rows that decode (None if none does).
+
+  A whole batch per call: grain's per-element overhead (futures, state, stats) was larger
+  than decoding and augmenting a slice. Flip and rotation are drawn for every row, bad or
+  not, so a bad slice does not shift the augmentation of the others.
+  """
 
   def __init__(self, source, labels: np.ndarray, image_size: int, augment_: bool,
                rotation_factor: float):
@@ -165,45 +238,58 @@ class _TrainSlice(grain.transforms.RandomMap):
     self.image_size, self.augment, self.rotation_factor = image_size, augment_, rotation_factor
     self.counts = BadSlices()  # This pipeline's own, for the broken-data guard.
 
-  def random_map(self, element, rng: np.random.Generator):
-    scan_index, slice_index = int(element[0]), int(element[1])
-    try:
-      image = self.source.load(scan_index, slice_index)
-    except SliceError as error:
-      BAD_SLICES.bad(error, quiet=True)
-      self.counts.bad(error, guard=True)
+  def random_map(self, rows, rng: np.random.Generator):
+    _single_threaded_cv2()
+    size = self.image_size
+    flips, angles = augment.draw_flips_and_angles(rng, len(rows), self.rotation_factor)
+    grey = np.empty((len(rows), size, size), np.uint8)
+    kept = []
+    for i, (scan_index, slice_index) in enumerate(rows.tolist()):
+      try:
+        image = self.source.load(scan_index, slice_index)
+      except SliceError as error:
+        BAD_SLICES.bad(error, quiet=True)
+        self.counts.bad(error, guard=True)
+        continue
+      out = grey[len(kept)]
+      if self.augment:
+        augment.flip_and_rotate(augment.resize(image, size), flips[i], angles[i], out=out)
+      else:
+        augment.resize(image, size, out=out)
+      kept.append(i)
+    BAD_SLICES.ok(len(kept))
+    self.counts.ok(len(kept))
+    if not kept:
       return None
-    BAD_SLICES.ok()
-    self.counts.ok()
-    image = augment.resize(image, self.image_size)
-    if self.augment:
-      image = augment.random_flip_and_rotate(image, rng, rotation_factor=self.rotation_factor)
-    return {"image": image, "label": self.labels[scan_index]}
+    return {"image": grey[:len(kept)], "label": self.labels[rows[kept, 0]]}
 
 
-class _EvalSlice(grain.transforms.Map):
-  """Padded (scan, slice) row -> the eval element; padding and bad slices have mask False."""
+class _EvalBatch(grain.transforms.Map):
+  """[k, 2] padded (scan, slice) rows -> the eval batch; padding and bad slices have mask False."""
 
   def __init__(self, source, labels: np.ndarray, image_size: int):
     self.source, self.labels, self.image_size = source, labels, image_size
     self.counts = BadSlices()
 
-  def map(self, element):
-    scan_index, slice_index = int(element[0]), int(element[1])
-    image, valid = None, scan_index >= 0
-    if valid:
+  def map(self, rows):
+    _single_threaded_cv2()
+    size = self.image_size
+    grey = np.zeros((len(rows), size, size), np.uint8)
+    mask = rows[:, 0] >= 0
+    for i, (scan_index, slice_index) in enumerate(rows.tolist()):
+      if scan_index < 0:
+        continue
       try:
-        image = augment.resize(self.source.load(scan_index, slice_index), self.image_size)
+        augment.resize(self.source.load(scan_index, slice_index), size, out=grey[i])
       except SliceError as error:
         BAD_SLICES.bad(error, quiet=True)
         self.counts.bad(error)
-        valid = False
-    if image is None:
-      image = np.zeros((self.image_size, self.image_size), np.uint8)
-    return {"image": image,
-            "label": self.labels[scan_index] if scan_index >= 0 else np.int32(-1),
-            "scan_index": np.int32(max(scan_index, 0)),
-            "slice_index": np.int32(max(slice_index, 0)), "mask": np.bool_(valid)}
+        mask[i] = False
+    scan_index = np.maximum(rows[:, 0], 0).astype(np.int32)
+    return {"image": grey,
+            "label": np.where(rows[:, 0] >= 0, self.labels[scan_index], -1).astype(np.int32),
+            "scan_index": scan_index,
+            "slice_index": np.maximum(rows[:, 1], 0).astype(np.int32), "mask": mask}
 
 
 def _labels(source, *, required: bool) -> np.ndarray:
@@ -216,20 +302,18 @@ def _labels(source, *, required: bool) -> np.ndarray:
   return np.asarray([-1 if label is None else label for label in labels], np.int32)
 
 
-def _stack(elements):
-  """Batches elements; grey "image" slices become RGB here, written straight into the batch
-  (one allocation instead of one per slice: 20x cheaper than converting each slice)."""
-  batch = {key: np.stack([e[key] for e in elements]) for key in elements[0] if key != "image"}
-  first = elements[0]["image"]
-  images = np.empty((len(elements), *first.shape, 3), np.uint8)
-  for i, element in enumerate(elements):
-    augment.grey_to_rgb(element["image"], out=images[i])
-  batch["image"] = images
-  return batch
+class _GreyToRgb(grain.transforms.Map):
+  """Grey batches become RGB last, in the consuming process: grain worker processes hand
+  batches over in fresh shared memory, whose page faults cost more than the conversion, so
+  they send a third of the bytes."""
+
+  def map(self, batch):
+    return {**batch, "image": augment.grey_to_rgb(batch["image"])}
 
 
 def _read_options(threads: int) -> grain.ReadOptions:
-  return grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(64, 8 * threads))
+  # Elements are whole batches: a couple per thread keeps every thread busy.
+  return grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(2, 2 * threads))
 
 
 def _maybe_workers(ds: grain.IterDataset, num_workers: int) -> grain.IterDataset:
@@ -250,9 +334,9 @@ def train_pipeline(source, *, image_size: int = 256, batch_size: int = 32, seed:
   """Augmented training batches {"image": uint8 [B, S, S, 3], "label": int32 [B]}.
 
   One record per (scan, slice) of the (middle fraction of the) training scans, shuffled afresh
-  every epoch from `seed`; then decode, resize to `image_size`, random horizontal flip and
-  rotation up to +-rotation_factor * 2 pi (constant fill), grey to RGB, batch (remainder
-  dropped). With several JAX processes each gets a disjoint 1/process_count of every epoch's
+  every epoch from `seed` and batched (remainder dropped); each batch's slices are decoded,
+  resized to `image_size`, randomly flipped horizontally and rotated up to
+  +-rotation_factor * 2 pi (constant fill) in one map call, and turned RGB at the end. With several JAX processes each gets a disjoint 1/process_count of every epoch's
   permutation and batches of batch_size // process_count. Iterators support
   get_state()/set_state() for exact resumption. Unreadable slices are skipped and counted.
 
@@ -272,15 +356,17 @@ def train_pipeline(source, *, image_size: int = 256, batch_size: int = 32, seed:
     raise ScanError(Path(getattr(source, "root", ".")),
                     f"only {len(records)} training slices for batches of {batch_size}: "
                     "an epoch would hold no full batch")
-  ds = grain.MapDataset.source(records).shuffle(seed=seed)
-  # The same permutation on every process; each takes every count-th record of it.
-  ds = ds[shard_options.shard_index:usable:count]
-  ds = ds.repeat(num_epochs)
-  ds = ds.random_map(_TrainSlice(source, labels, image_size, augment, rotation_factor),
+  # Batch the record rows first and read/decode/augment a whole batch per map call; batches
+  # short of bad slices are topped up from the next ones by the rebatching (whose state
+  # holds its position inside a batch, so resumption stays exact).
+  ds = _ShuffledBatches(records, batch_size=per_process_batch, seed=seed,
+                        shard_index=shard_options.shard_index, shard_count=count,
+                        num_epochs=num_epochs)
+  ds = ds.random_map(_TrainBatch(source, labels, image_size, augment, rotation_factor),
                      seed=(seed + 1) % 2 ** 32)
   ds = ds.to_iter_dataset(_read_options(read_threads))
-  ds = ds.batch(per_process_batch, drop_remainder=True, batch_fn=_stack)
-  return _maybe_workers(ds, num_workers)
+  ds = grain.experimental.RebatchIterDataset(ds, per_process_batch, drop_remainder=True)
+  return _maybe_workers(ds, num_workers).map(_GreyToRgb())
 
 
 def eval_pipeline(source, *, image_size: int = 256, batch_size: int = 32,
@@ -298,10 +384,10 @@ def eval_pipeline(source, *, image_size: int = 256, batch_size: int = 32,
     raise ScanError(Path("."), "no slices to evaluate")
   padding = -len(records) % batch_size
   records = np.concatenate([records, np.full((padding, 2), -1, np.int32)])
-  ds = grain.MapDataset.source(records).map(_EvalSlice(source, labels, image_size))
+  batches = records.reshape(-1, batch_size, 2)  # Whole batches of rows: one map call each.
+  ds = grain.MapDataset.source(batches).map(_EvalBatch(source, labels, image_size))
   ds = ds.to_iter_dataset(_read_options(read_threads))
-  ds = ds.batch(batch_size, drop_remainder=False, batch_fn=_stack)
-  return _maybe_workers(ds, num_workers)
+  return _maybe_workers(ds, num_workers).map(_GreyToRgb())
 
 
 def to_global_batch(batch, sharding):
