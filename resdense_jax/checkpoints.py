@@ -82,20 +82,25 @@ def best_metric_value(manager: ocp.CheckpointManager, step: int | None, name: st
   return None if metrics is None else float(metrics[name])
 
 
+def best_step(folder: str | os.PathLike, best_metric: str = "val_scan_macro_f1") -> int:
+  """The step of the best checkpoint in a checkpoints folder, as the manager picks it."""
+  manager = create_manager(folder, best_metric=best_metric, async_save=False)
+  try:
+    step = manager.best_step()
+  finally:
+    manager.close()
+  if step is None:
+    raise FileNotFoundError(f"{folder}: no evaluated checkpoint saved yet")
+  return int(step)
+
+
 def _find_step_dir(path: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
   """(checkpoints folder, step folder) for a workdir, a checkpoints folder (-> best step) or a step folder."""
   if (path / "state").is_dir():
     return path.parent, path
   for folder in (path / "checkpoints", path):
     if (folder / "config.json").is_file():
-      manager = create_manager(folder, async_save=False)
-      try:
-        step = manager.best_step()
-      finally:
-        manager.close()
-      if step is None:
-        raise FileNotFoundError(f"{folder}: no checkpoint saved yet")
-      return folder, folder / str(step)
+      return folder, folder / str(best_step(folder))
   raise FileNotFoundError(f"{path}: not a checkpoint (no state/), checkpoints folder or workdir (no config.json)")
 
 

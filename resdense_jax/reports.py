@@ -54,15 +54,7 @@ def best_step(workdir: str | os.PathLike, metric: str = "val_scan_macro_f1") -> 
   """The step of the best checkpoint, as the checkpoint manager (and load_for_inference) picks it."""
   from resdense_jax import checkpoints  # pylint: disable=g-import-not-at-top
 
-  folder = pathlib.Path(workdir) / "checkpoints"
-  manager = checkpoints.create_manager(folder, best_metric=metric, async_save=False)
-  try:
-    step = manager.best_step()
-  finally:
-    manager.close()
-  if step is None:
-    raise FileNotFoundError(f"{folder}: no evaluated checkpoint yet")
-  return int(step)
+  return checkpoints.best_step(pathlib.Path(workdir) / "checkpoints", metric)
 
 
 def validation_predictions(workdir: str | os.PathLike, predictor=None) -> list:
