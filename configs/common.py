@@ -61,6 +61,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.train.checkpoint_every_steps = 0  # extra mid-epoch checkpoints (0: only after each evaluation)
   config.train.eval_every_epochs = 1
   config.train.async_checkpointing = True  # write checkpoints in the background while training goes on
+  # 0: off (the paper; Keras keeps its moving averages). N > 0: before each evaluation (and so in every
+  # checkpoint), BatchNorm moving statistics := their average over N un-augmented training batches under
+  # the current weights (PreciseBN). Helps from-scratch models whose weights outrun the 0.99 moving average.
+  config.train.precise_bn_batches = 0
 
   # The paper: 20 epochs; first the head with both backbones frozen, then all but the first 100 Keras layers
   # of each backbone. The split between the phases is not given in the paper; 10 + 10 here.

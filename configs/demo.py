@@ -5,8 +5,9 @@
 Writes a synthetic COV19-CT-DB-layout collection into <workdir>/synthetic_ct (COVID scans carry planted
 ground-glass opacities), then trains a small Res-Dense variant from scratch (no pretrained weights): a
 one-block-per-stage ResNet and DenseNet under the resnet50/densenet121 constructors, 64x64 slices, the
-paper's two-phase schedule (the head first with both backbones frozen, then everything), Adam 1e-3.
-About 5-10 minutes on 2 CPU cores; held-out scan macro-F1 >= 0.9.
+paper's two-phase schedule (the head first with both backbones frozen, then everything), Adam 1e-3, and
+BatchNorm statistics re-estimated before each evaluation (PreciseBN, below). About 2.5 minutes on 2 CPU
+cores; held-out scan macro-F1 >= 0.9 (1.0 best on seeds 0 and 1).
 """
 
 import os
@@ -42,4 +43,8 @@ def get_config():
       common.phase("finetune", 11, (), optimizer="adam", learning_rate=1e-3),
   ]
   config.eval.batch_size = 64
+  # From scratch at Adam 1e-3 the weights outrun Keras's 0.99 BatchNorm moving averages: evaluated with
+  # them, scans rank perfectly (AUC 1.0) but sit on the wrong side of 0.5. Statistics re-estimated under the
+  # current weights before each evaluation fix that (resdense_jax/train.py: precise_batch_stats).
+  config.train.precise_bn_batches = 50
   return config

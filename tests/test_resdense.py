@@ -15,6 +15,7 @@ from flax import traverse_util
 from keras.src.applications import densenet as keras_densenet
 from keras.src.applications import resnet as keras_resnet
 
+from keras_fixtures import _zero_initializers as zero_initializers
 from keras_fixtures import randomize_weights
 from resdense_jax import losses, models, optim, train
 from resdense_jax.models.resdense import GeMPool, ResDenseNet
@@ -26,38 +27,57 @@ SMALL = {"resnet50": dict(stage_sizes=(1, 1, 1, 1), filters=RESNET_FILTERS),
          "densenet121": dict(blocks=(1, 1, 1, 1))}
 FUSION = 16
 FREEZE_FIRST = 12  # Keras layers frozen per backbone in the train-step check
+# Structure and option checks need no Keras widths: narrow stems and growth, 32x32 inputs.
+TINY_SIZE = 32
+TINY = {"resnet50": dict(stage_sizes=(1, 1, 1, 1), filters=RESNET_FILTERS, stem_filters=8),
+        "densenet121": dict(blocks=(1, 1, 1, 1), growth_rate=4, stem_filters=8)}
 
 
 def small_resdense(**kwargs):
   return ResDenseNet(backbones=("resnet50", "densenet121"), fusion_filters=FUSION, backbone_kwargs=SMALL, **kwargs)
 
 
+def tiny_resdense(**kwargs):
+  return ResDenseNet(backbones=("resnet50", "densenet121"), fusion_filters=FUSION, backbone_kwargs=TINY, **kwargs)
+
+
+def _init(model, x):
+  # One XLA program instead of op-by-op dispatch; the RBG generator compiles far faster than threefry on CPU.
+  return jax.jit(model.init)(jax.random.key(0, impl="unsafe_rbg"), x)
+
+
 def test_structure_names_and_output():
-  model = small_resdense(pooling="gem")
-  x = jnp.asarray(np.random.default_rng(0).uniform(0, 255, (2, SIZE, SIZE, 3)), jnp.float32)
-  variables = model.init(jax.random.PRNGKey(0), x)
+  model = tiny_resdense(pooling="gem")
+  x = jnp.asarray(np.random.default_rng(0).uniform(0, 255, (2, TINY_SIZE, TINY_SIZE, 3)), jnp.float32)
+  variables = _init(model, x)
   assert set(variables["params"]) == {"resnet50", "densenet121", "resnet50_fusion_conv",
                                       "densenet121_fusion_conv", "gem_pool", "predictions"}
   assert set(variables["batch_stats"]) == {"resnet50", "densenet121"}
   assert variables["params"]["resnet50_fusion_conv"]["kernel"].shape == (3, 3, 4 * RESNET_FILTERS[-1], FUSION)
   assert variables["params"]["predictions"]["kernel"].shape == (FUSION, 1)
-  logits = model.apply(variables, x)
-  assert logits.shape == (2, 1) and logits.dtype == jnp.float32
   # Each branch sees its own Keras preprocessing: the backbone in the fused model equals the backbone alone.
-  resnet = models.ResNet50(**SMALL["resnet50"])
-  alone = resnet.apply({"params": variables["params"]["resnet50"], "batch_stats": variables["batch_stats"]["resnet50"]},
-                       models.preprocess_input(x, "caffe"), train=False)
-  captured = model.apply(variables, x, capture_intermediates=lambda m, _: m.name == "resnet50",
-                         mutable=["intermediates"])[1]["intermediates"]["resnet50"]["__call__"][0]
+  resnet = models.ResNet50(**TINY["resnet50"])
+
+  @jax.jit
+  def outputs(variables, x):
+    logits, captured = model.apply(variables, x, capture_intermediates=lambda m, _: m.name == "resnet50",
+                                   mutable=["intermediates"])
+    alone = resnet.apply({"params": variables["params"]["resnet50"],
+                          "batch_stats": variables["batch_stats"]["resnet50"]},
+                         models.preprocess_input(x, "caffe"), train=False)
+    return logits, captured["intermediates"]["resnet50"]["__call__"][0], alone
+
+  logits, captured, alone = outputs(variables, x)
+  assert logits.shape == (2, 1) and logits.dtype == jnp.float32
   np.testing.assert_allclose(captured, alone, rtol=1e-6)
 
 
 def test_single_backbone_baseline_and_softmax_head():
-  model = ResDenseNet(backbones=("densenet121",), fusion_filters=FUSION, num_outputs=2, backbone_kwargs=SMALL)
-  x = jnp.zeros((1, SIZE, SIZE, 3))
-  variables = model.init(jax.random.PRNGKey(0), x)
+  model = ResDenseNet(backbones=("densenet121",), fusion_filters=FUSION, num_outputs=2, backbone_kwargs=TINY)
+  x = jnp.zeros((1, TINY_SIZE, TINY_SIZE, 3))
+  variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)
   assert set(variables["params"]) == {"densenet121", "densenet121_fusion_conv", "predictions"}
-  assert model.apply(variables, x).shape == (1, 2)
+  assert jax.eval_shape(model.apply, variables, x).shape == (1, 2)
 
 
 def test_gem_pooling_equation_and_avg_limit():
@@ -69,16 +89,16 @@ def test_gem_pooling_equation_and_avg_limit():
 
 
 def test_authors_preprocessing_and_bf16():
-  x = jnp.full((1, SIZE, SIZE, 3), 128.0)
-  model = small_resdense(preprocessing="authors")
+  x = jnp.full((1, TINY_SIZE, TINY_SIZE, 3), 128.0)
+  model = tiny_resdense(preprocessing="authors")
   np.testing.assert_allclose(model.preprocess(x, "densenet121"),
                              models.preprocess_input(x, "caffe") / 127.5 - 1.0, rtol=1e-6)
-  bf16 = small_resdense(dtype=jnp.bfloat16)
-  variables = bf16.init(jax.random.PRNGKey(0), x)
+  bf16 = tiny_resdense(dtype=jnp.bfloat16)
+  variables = _init(bf16, x)
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(variables["params"]))
-  assert bf16.apply(variables, x).dtype == jnp.float32
+  assert jax.jit(bf16.apply)(variables, x).dtype == jnp.float32
   with pytest.raises(ValueError, match="unknown preprocessing"):
-    small_resdense(preprocessing="nope").init(jax.random.PRNGKey(0), x)
+    jax.eval_shape(tiny_resdense(preprocessing="nope").init, jax.random.PRNGKey(0), x)
 
 
 # ---------------------------------------------------------------------------------- the Keras reference
@@ -95,10 +115,12 @@ def keras_small_resdense():
       x = keras_resnet.stack_residual_blocks_v1(x, filters, 1, name=f"conv{i}")
     return x
 
-  resnet = keras_resnet.ResNet(stack_fn, preact=False, use_bias=True, include_top=False, weights=None,
-                               input_shape=shape, name="resnet50")
-  densenet = keras_densenet.DenseNet([1, 1, 1, 1], include_top=False, weights=None, input_shape=shape,
-                                     name="densenet121")
+  # Built with zero initial weights (fast: no random kernel compiled per shape), then randomized.
+  with zero_initializers():
+    resnet = keras_resnet.ResNet(stack_fn, preact=False, use_bias=True, include_top=False, weights=None,
+                                 input_shape=shape, name="resnet50")
+    densenet = keras_densenet.DenseNet([1, 1, 1, 1], include_top=False, weights=None, input_shape=shape,
+                                       name="densenet121")
   randomize_weights(resnet, seed=1)
   randomize_weights(densenet, seed=2)
   inputs = keras.Input(shape)

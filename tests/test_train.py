@@ -21,7 +21,7 @@ SIZE = 32
 def setup():
   # The architecture of demo_configs.tiny_config(), so the kill-and-resume test reuses compiled programs.
   model = train.create_model(demo_configs.tiny_config().model)
-  variables = train.initialized(jax.random.PRNGKey(0), model, SIZE)
+  variables = train.initialized(jax.random.key(0, impl="rbg"), model, SIZE)  # as train_and_evaluate does
   rng = np.random.default_rng(0)
   batches = [{"image": jnp.asarray(rng.integers(0, 256, (8, SIZE, SIZE, 3)), jnp.uint8),
               "label": jnp.asarray(rng.integers(0, 2, 8), jnp.int32)} for _ in range(3)]
@@ -83,6 +83,32 @@ def test_backbone_bn_inference_keeps_every_statistic(setup):
     assert np.array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_precise_batch_stats_make_inference_equal_training_mode_on_that_batch(setup):
+  model, variables, batches = setup
+  # One batch: its statistics in every live BatchNorm, so inference mode normalises exactly as training mode
+  # does on it (dropout off); frozen BatchNorms keep their statistics bitwise.
+  labels = optim.freeze_labels(variables["params"], ("re:densenet121/conv1.*",), model.keras_layers())
+  frozen_bn = optim.frozen_batchnorm(labels, model.keras_layers())
+  phase_model = model.clone(dropout=0.0, frozen_bn=tuple(frozen_bn.items()))
+  state = train.TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
+                           batch_stats=variables["batch_stats"], opt_state=None, rng=jax.random.PRNGKey(0))
+  images = np.asarray(batches[0]["image"])
+  precise = train.precise_batch_stats(state, iter([{"image": images}, {"image": images[::-1]}]),
+                                      model=phase_model, mesh=train.create_mesh(), num_batches=1)
+  logits_train, _ = jax.jit(lambda v, x: phase_model.apply(v, x, train=True, mutable=["batch_stats"]))(
+      variables, images)
+  logits_eval = jax.jit(lambda v, x: phase_model.apply(v, x, train=False))(precise.variables, images)
+  np.testing.assert_allclose(np.asarray(logits_eval), np.asarray(logits_train), rtol=1e-4, atol=1e-4)
+  assert not np.allclose(np.asarray(logits_eval),
+                         np.asarray(jax.jit(lambda v, x: phase_model.apply(v, x))(variables, images)), atol=1e-3)
+  flat_old = traverse_util.flatten_dict(jax.tree.map(np.asarray, variables["batch_stats"]))
+  flat_new = traverse_util.flatten_dict(jax.tree.map(np.asarray, precise.batch_stats))
+  assert frozen_bn["densenet121"]
+  for name in frozen_bn["densenet121"]:
+    for stat in ("mean", "var"):
+      assert np.array_equal(flat_new[("densenet121", name, stat)], flat_old[("densenet121", name, stat)])
+
+
 def test_phase_plan_and_phase_models():
   config = demo_configs.tiny_config()
   plan = train.plan_phases(config, steps_per_epoch=5)
@@ -100,6 +126,7 @@ def test_kill_and_resume_equals_uninterrupted_run(tmp_path, monkeypatch):
   config = demo_configs.tiny_config()
   config.train.checkpoint_every_steps = 2
   config.train.async_checkpointing = False
+  config.train.precise_bn_batches = 2  # its batches are drawn from (seed, step): a resumed run draws the same
   data_root = demo_configs.tiny_collection(tmp_path / "data")
   config.data.root = str(data_root)
   straight = train.train_and_evaluate(config, tmp_path / "straight")
