@@ -26,6 +26,7 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   config.data = ml_collections.ConfigDict()
   config.data.root = ""                   # COV19-CT-DB root: <root>/{train,validation}/{covid,non-covid}/<scan>/
+  config.data.prepared_dir = ""           # TFDS copy from `python -m resdense_jax.data.prepare` (used instead of root)
   config.data.synthetic = False           # generate the synthetic collection into <workdir>/synthetic_ct instead
   config.data.synthetic_scans = ml_collections.ConfigDict({
       "train": (24, 24), "validation": (12, 12), "test": 4})

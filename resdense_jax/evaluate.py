@@ -37,11 +37,13 @@ def predict_slices(eval_fn: Callable, variables: dict, dataset, batch_sharding, 
 def evaluate(eval_fn: Callable, variables: dict, scans: Sequence, config, batch_sharding) -> dict:
   """Scan-level metrics ("scan_macro_f1", ...) and "slice_accuracy" on the labelled `scans`.
 
-  `scans`: a list of ScanRefs or a data.RawScans over them (indexed once, reused every evaluation).
+  `scans`: a list of ScanRefs, a data.RawScans over them (indexed once, reused every evaluation) or a
+  data.PreparedData split.
   """
   from resdense_jax import data  # pylint: disable=g-import-not-at-top
 
-  source = scans if isinstance(scans, data.RawScans) else data.RawScans(list(scans), progress=False)
+  prepared = (data.RawScans, data.PreparedData)
+  source = scans if isinstance(scans, prepared) else data.RawScans(list(scans), progress=False)
   refs = source.scans
   if not refs:
     raise ValueError("evaluation needs at least one labelled validation scan")

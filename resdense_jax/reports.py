@@ -64,8 +64,13 @@ def validation_predictions(workdir: str | os.PathLike, predictor=None) -> list:
   workdir = pathlib.Path(workdir)
   predictor = predictor or predict.Predictor.from_checkpoint(workdir)
   config = predictor.config
-  root = train.resolve_data_root(config, workdir)
-  scans = data.discover(root, val_fraction=config.data.val_fraction, seed=config.seed).validation
+  if config.data.get("prepared_dir"):
+    # The prepared copy records each scan's original folder; the predictor reads the scans from there.
+    root = pathlib.Path(config.data.prepared_dir)
+    scans = data.PreparedData(root, "validation", image_size=config.data.image_size).scans
+  else:
+    root = train.resolve_data_root(config, workdir)
+    scans = data.discover(root, val_fraction=config.data.val_fraction, seed=config.seed).validation
   if not scans:
     raise ValueError(f"{root}: no validation scans")
   predictions, failures = predictor.predict_many(scans, progress=True)

@@ -354,6 +354,19 @@ def resolve_data_root(config, workdir: pathlib.Path) -> pathlib.Path:
   return root
 
 
+def data_sources(config, workdir: pathlib.Path):
+  """(train, validation) slice sources: a prepared TFDS copy (config.data.prepared_dir) or the raw scan folders."""
+  from resdense_jax import data  # pylint: disable=g-import-not-at-top
+
+  if config.data.get("prepared_dir"):
+    # Written by `python -m resdense_jax.data.prepare`, which already split by scan.
+    return tuple(data.PreparedData(config.data.prepared_dir, split, image_size=config.data.image_size)
+                 for split in ("train", "validation"))
+  collection = data.discover(resolve_data_root(config, workdir), val_fraction=config.data.val_fraction,
+                             seed=config.seed)
+  return data.RawScans(collection.train), data.RawScans(collection.validation)
+
+
 def precise_bn_batches(train_source, config, step: int):
   """Un-augmented, shuffled training batches for precise_batch_stats: the inputs look like evaluation's
   (no rotation corners), and they are drawn afresh from (seed, step), so a resumed run draws the same."""
@@ -388,10 +401,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   if batch_size % len(jax.devices()) or config.eval.batch_size % len(jax.devices()):
     raise ValueError(f"train/eval batch sizes ({batch_size}, {config.eval.batch_size}) must divide evenly over "
                      f"the {len(jax.devices())} devices")
-  collection = data.discover(resolve_data_root(config, workdir), val_fraction=config.data.val_fraction,
-                             seed=config.seed)
-  train_source = data.RawScans(collection.train)
-  val_source = data.RawScans(collection.validation)
+  train_source, val_source = data_sources(config, workdir)
   steps_per_epoch = data.steps_per_epoch(train_source, batch_size, middle_fraction=config.data.middle_fraction)
   plan = plan_phases(config, steps_per_epoch)
   total_steps = plan[-1][3]
