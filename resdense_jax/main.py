@@ -21,7 +21,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  if FLAGS["verbosity"].using_default_value:
+  if not FLAGS["verbosity"].present:  # absl sets the flag itself, so using_default_value is always False
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO; --verbosity=0 brings it back
   import jax  # pylint: disable=g-import-not-at-top  (after flag parsing: JAX_PLATFORMS etc. apply)
 
