@@ -17,15 +17,33 @@ from jax.experimental import multihost_utils
 from resdense_jax import metrics
 
 
+def process_rows(batch: np.ndarray) -> np.ndarray:
+  """This process's rows [p*B/P, (p+1)*B/P) of a global batch every process holds whole.
+
+  The eval pipeline does not shard: each process reads the same padded batches, contributes its slice
+  to the global array, and reads the (replicated) probabilities of the whole batch back.
+  """
+  count, index = jax.process_count(), jax.process_index()
+  if len(batch) % count:
+    raise ValueError(f"eval batch of {len(batch)} rows is not divisible by the {count} processes")
+  share = len(batch) // count
+  return batch[index * share:(index + 1) * share]
+
+
 def predict_slices(eval_fn: Callable, variables: dict, dataset, batch_sharding, *, total: int | None = None,
                    desc: str = "eval") -> dict[str, np.ndarray]:
-  """{"prob", "label", "scan_index", "slice_index"} of every real (unpadded) slice of `dataset`."""
+  """{"prob", "label", "scan_index", "slice_index"} of every real (unpadded) slice of `dataset`.
+
+  `dataset` yields whole global batches on every process (eval_pipeline); the returned arrays are the
+  same on every process.
+  """
   from resdense_jax import data  # pylint: disable=g-import-not-at-top
 
   outputs = {"prob": [], "label": [], "scan_index": [], "slice_index": []}
   for batch in tqdm.tqdm(dataset, total=total, desc=desc, unit="batch", leave=False, dynamic_ncols=True):
-    probs = eval_fn(variables, data.to_global_batch({"image": batch["image"]}, batch_sharding)["image"])
-    if jax.process_count() > 1:
+    images = data.to_global_batch({"image": process_rows(batch["image"])}, batch_sharding)["image"]
+    probs = eval_fn(variables, images)
+    if not (probs.is_fully_addressable or probs.is_fully_replicated):
       probs = multihost_utils.process_allgather(probs, tiled=True)
     mask = np.asarray(batch["mask"], bool)
     outputs["prob"].append(np.asarray(probs, np.float32)[mask])

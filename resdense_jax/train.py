@@ -25,6 +25,7 @@ import numpy as np
 import optax
 import tqdm
 from flax import struct
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from resdense_jax import checkpoints, evaluate, losses, optim
@@ -284,10 +285,16 @@ def compile_eval_step(model: ResDenseNet, mesh: Mesh):
 
 
 class MetricWriter:
-  """metrics.jsonl (one JSON per evaluation) and TensorBoard events (tensorboardX, no TensorFlow)."""
+  """metrics.jsonl (one JSON per evaluation) and TensorBoard events (tensorboardX, no TensorFlow).
+
+  Every process computes the same metrics; only process 0 writes them (the others' writer does nothing).
+  """
 
   def __init__(self, workdir: pathlib.Path, *, resume_step: int | None):
     self.path = workdir / "metrics.jsonl"
+    self.tb = None
+    if jax.process_index() != 0:
+      return
     if resume_step is not None and self.path.exists():
       self._truncate_after(resume_step)
     elif resume_step is None and self.path.exists():
@@ -303,6 +310,8 @@ class MetricWriter:
     os.replace(tmp, self.path)
 
   def write(self, record: dict) -> None:
+    if self.tb is None:
+      return
     with self.path.open("a") as f:
       f.write(json.dumps(record) + "\n")
     for key, value in record.items():
@@ -311,11 +320,14 @@ class MetricWriter:
     self.tb.flush()
 
   def write_scalars(self, scalars: dict, step: int) -> None:
+    if self.tb is None:
+      return
     for key, value in scalars.items():
       self.tb.add_scalar(key, value, step)
 
   def close(self) -> None:
-    self.tb.close()
+    if self.tb is not None:
+      self.tb.close()
 
 
 def _summary_line(record: dict) -> str:
@@ -330,16 +342,19 @@ def _summary_line(record: dict) -> str:
 
 
 def resolve_data_root(config, workdir: pathlib.Path) -> pathlib.Path:
-  """The collection's root: config.data.root, or the synthetic collection generated into the workdir."""
+  """The collection's root: config.data.root, or the synthetic collection generated into the workdir
+  (by process 0; with several processes the workdir must be shared, as orbax's checkpoints need anyway)."""
   from resdense_jax import data  # pylint: disable=g-import-not-at-top
 
   if config.data.synthetic:
     root = workdir / "synthetic_ct"
-    if not (root / ".complete").exists():
+    if jax.process_index() == 0 and not (root / ".complete").exists():
       data.synthetic.write_collection(root, num_scans=_plain(config.data.synthetic_scans),
                                       slice_size=config.data.synthetic_slice_size,
                                       num_slices=tuple(config.data.synthetic_num_slices), seed=config.seed)
       (root / ".complete").write_text("written by resdense_jax.train\n")
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("resdense_jax synthetic collection written")
     return root
   if not config.data.root:
     raise ValueError(
@@ -379,7 +394,9 @@ def precise_bn_batches(train_source, config, step: int):
 
 
 def save_resolved_config(config, workdir: pathlib.Path) -> None:
-  """config.json in the workdir and next to the checkpoints (load_for_inference reads the latter)."""
+  """config.json in the workdir and next to the checkpoints (load_for_inference reads the latter); process 0."""
+  if jax.process_index() != 0:
+    return
   for folder in (workdir, workdir / "checkpoints"):
     folder.mkdir(parents=True, exist_ok=True)
     checkpoints.write_json_atomic(folder / "config.json", json.loads(config.to_json_best_effort()))
