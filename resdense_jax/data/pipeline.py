@@ -164,9 +164,11 @@ class _ShuffledBatches(grain.MapDataset):
   `records` from `seed`; batches run on across epoch boundaries and, with `num_epochs`, the
   last one may be short (the rebatching drops it).
 
-  The permutation is the same on every process; process `shard_index` of `shard_count` takes
-  every shard_count-th record of it. One numpy permutation per epoch instead of grain's
-  `shuffle`, whose per-record index_shuffle cost more than decoding the slice.
+  The permutation is the same on every process and is cut into global batches of
+  batch_size * shard_count rows; process `shard_index` takes block `shard_index` of each. So
+  a global batch holds the same rows, in the same order, however many processes share it.
+  One numpy permutation per epoch instead of grain's `shuffle`, whose per-record
+  index_shuffle cost more than decoding the slice.
   """
 
   def __init__(self, records: np.ndarray, *, batch_size: int, seed: int, shard_index: int,
@@ -174,11 +176,11 @@ class _ShuffledBatches(grain.MapDataset):
     super().__init__()
     self._records, self._batch_size, self._seed = records, batch_size, seed
     self._shard_index, self._shard_count = shard_index, shard_count
-    self._usable = len(records) - len(records) % shard_count
-    self._per_epoch = self._usable // shard_count
+    self._global_batch = batch_size * shard_count
+    self._per_epoch = len(records) - len(records) % shard_count
     self._total = None if num_epochs is None else self._per_epoch * num_epochs
-    self._length = sys.maxsize if self._total is None else -(-self._total // batch_size)
-    self._epochs = {}  # The last few epochs' rows of this shard, by epoch.
+    self._length = sys.maxsize if self._total is None else -(-self._total // self._global_batch)
+    self._epochs = {}  # The last few epochs' rows, by epoch.
 
   def __len__(self) -> int:
     return self._length
@@ -192,7 +194,7 @@ class _ShuffledBatches(grain.MapDataset):
     if rows is None:
       rng = np.random.default_rng([self._seed & 0xFFFFFFFFFFFFFFFF, epoch])
       order = rng.permutation(len(self._records))
-      rows = self._records[order[self._shard_index:self._usable:self._shard_count]]
+      rows = self._records[order[:self._per_epoch]]
       recent = {e: r for e, r in self._epochs.items() if e >= epoch - 2}
       self._epochs = {**recent, epoch: rows}  # Swapped whole: safe under grain's threads.
     return rows
@@ -200,10 +202,13 @@ class _ShuffledBatches(grain.MapDataset):
   def __getitem__(self, index):
     if isinstance(index, slice):
       return self.slice(index)
-    start = index * self._batch_size
+    start = index * self._global_batch + self._shard_index * self._batch_size
     stop = start + self._batch_size
     if self._total is not None:
       stop = min(stop, self._total)
+      start = min(start, stop)
+    if start == stop:
+      return self._records[:0]
     parts = []
     for epoch in range(start // self._per_epoch, (stop - 1) // self._per_epoch + 1):
       offset = epoch * self._per_epoch
@@ -233,15 +238,21 @@ class _TrainBatch(grain.transforms.RandomMap):
   """
 
   def __init__(self, source, labels: np.ndarray, image_size: int, augment_: bool,
-               rotation_factor: float):
+               rotation_factor: float, shard_index: int = 0, shard_count: int = 1):
     self.source, self.labels = source, labels
+    self.shard_index, self.shard_count = shard_index, shard_count
     self.image_size, self.augment, self.rotation_factor = image_size, augment_, rotation_factor
     self.counts = BadSlices()  # This pipeline's own, for the broken-data guard.
 
   def random_map(self, rows, rng: np.random.Generator):
     _single_threaded_cv2()
     size = self.image_size
-    flips, angles = augment.draw_flips_and_angles(rng, len(rows), self.rotation_factor)
+    # Drawn for the whole global batch (every process draws the same), this process keeping its
+    # block: processes' augmentations are not correlated, and do not depend on their number.
+    flips, angles = augment.draw_flips_and_angles(rng, len(rows) * self.shard_count,
+                                                  self.rotation_factor)
+    block = slice(self.shard_index * len(rows), (self.shard_index + 1) * len(rows))
+    flips, angles = flips[block], angles[block]
     grey = np.empty((len(rows), size, size), np.uint8)
     kept = []
     for i, (scan_index, slice_index) in enumerate(rows.tolist()):
@@ -362,7 +373,8 @@ def train_pipeline(source, *, image_size: int = 256, batch_size: int = 32, seed:
   ds = _ShuffledBatches(records, batch_size=per_process_batch, seed=seed,
                         shard_index=shard_options.shard_index, shard_count=count,
                         num_epochs=num_epochs)
-  ds = ds.random_map(_TrainBatch(source, labels, image_size, augment, rotation_factor),
+  ds = ds.random_map(_TrainBatch(source, labels, image_size, augment, rotation_factor,
+                                 shard_options.shard_index, count),
                      seed=(seed + 1) % 2 ** 32)
   ds = ds.to_iter_dataset(_read_options(read_threads))
   ds = grain.experimental.RebatchIterDataset(ds, per_process_batch, drop_remainder=True)
