@@ -15,6 +15,8 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics.jsonl, TensorBoard events and config.json.")
 config_flags.DEFINE_config_file("config", None, "Training configuration file (e.g. configs/finetune.py).",
                                 lock_config=True)
+flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first: multi-host runs (TPU VM pods, "
+                  "GPU clusters), with the coordinator found from the environment. The workdir must be shared.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -25,6 +27,8 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO; --verbosity=0 brings it back
   import jax  # pylint: disable=g-import-not-at-top  (after flag parsing: JAX_PLATFORMS etc. apply)
 
+  if FLAGS.distributed:
+    jax.distributed.initialize()
   from resdense_jax import train  # pylint: disable=g-import-not-at-top
 
   logging.info("JAX devices: %s (process %d of %d)", jax.devices(), jax.process_index(), jax.process_count())
