@@ -10,17 +10,7 @@ from PIL import Image
 
 from resdense_jax import cam, data, explain, predict
 from resdense_jax.models.resdense import ResDenseNet
-from test_predict_fixtures import IMAGE_SIZE, trained_workdir
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-  return trained_workdir(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def predictor(workdir):
-  return predict.Predictor.from_checkpoint(workdir)
+from test_predict_fixtures import IMAGE_SIZE, predictor, workdir  # noqa: F401  (fixtures)
 
 
 @pytest.fixture(scope="module")

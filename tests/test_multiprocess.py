@@ -1,10 +1,9 @@
-"""Multi-process data parallel: 2 JAX processes (1 CPU device each, gloo collectives) against 1 process
-with 2 devices.
+"""Data parallel over processes and devices: 2 JAX processes (1 CPU device each, gloo collectives) against
+1 process with 1 device.
 
-Evaluation of the same weights is exactly the same. Training runs end to end in a shared workdir (orbax
-writes one checkpoint from all processes; process 0 alone writes metrics.jsonl) and every process computes
-the same metrics, but the trajectory is not the 1-process one: train_pipeline gives process p every P-th
-record of the permutation and draws augmentation per process-local batch, so the global batches differ.
+Evaluation of the same weights gives the same metrics on every process. Training runs end to end in a shared
+workdir (orbax writes one checkpoint from all processes; process 0 alone writes metrics.jsonl) and follows the
+1-device trajectory: each process takes its block of every global batch and of its augmentation draws.
 """
 
 import json
@@ -31,7 +30,7 @@ if {num_processes} > 1:
                              process_id={process_id})
 from demo_configs import tiny_config
 from resdense_jax import evaluate, train
-assert jax.process_count() == {num_processes} and len(jax.devices()) == 2, jax.devices()
+assert jax.process_count() == {num_processes} and len(jax.devices()) == {num_processes}, jax.devices()
 config = tiny_config()
 config.data.root = {root!r}
 config.phases[1].epochs = 1
@@ -87,7 +86,7 @@ def _metrics(workdir: pathlib.Path) -> list[dict]:
   return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_two_processes_equal_one_process_with_two_devices(tmp_path):
+def test_two_processes_equal_one_device(tmp_path):
   sys.path.insert(0, str(TESTS))
   from demo_configs import tiny_collection  # pylint: disable=g-import-not-at-top
   root = tiny_collection(tmp_path / "ct")
@@ -96,7 +95,7 @@ def test_two_processes_equal_one_process_with_two_devices(tmp_path):
   results = [tmp_path / f"result_{i}.json" for i in range(2)]
   procs = [_launch(_code(root, multi, results[i], num_processes=2, process_id=i, coordinator=coordinator), 1)
            for i in range(2)]
-  procs.append(_launch(_code(root, single, tmp_path / "result_single.json"), 2))
+  procs.append(_launch(_code(root, single, tmp_path / "result_single.json"), 1))
   _wait_all(procs)
 
   per_process = [json.loads(r.read_text()) for r in results]

@@ -9,17 +9,7 @@ import numpy as np
 import pytest
 
 from resdense_jax import data, evaluate, metrics, predict, train
-from test_predict_fixtures import REPO, SHARED_DATA, trained_workdir
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-  return trained_workdir(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def predictor(workdir):
-  return predict.Predictor.from_checkpoint(workdir)
+from test_predict_fixtures import REPO, SHARED_DATA, predictor, workdir  # noqa: F401  (fixtures)
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ import os
 import pathlib
 
 import ml_collections
+import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -73,3 +74,15 @@ def trained_workdir(tmp_path_factory) -> pathlib.Path:
       train.train_and_evaluate(demo_config(), workdir)
       (workdir / ".complete").write_text("done\n")
   return workdir
+
+
+# Module-scoped fixtures of the prediction, explanation and report tests (imported by name there).
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+  return trained_workdir(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def predictor(workdir):  # pylint: disable=redefined-outer-name
+  from resdense_jax import predict  # pylint: disable=g-import-not-at-top
+  return predict.Predictor.from_checkpoint(workdir)
