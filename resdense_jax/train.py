@@ -242,7 +242,13 @@ def batch_statistics(variables: dict, images: jax.Array, *, model: ResDenseNet) 
   return jax.tree.map(recovered, updated["batch_stats"], variables["batch_stats"])
 
 
-def precise_batch_stats(state: TrainState, batches, *, model: ResDenseNet, mesh: Mesh,
+def compile_batch_statistics(model: ResDenseNet, mesh: Mesh):
+  """batch_statistics, jit-compiled with the variables replicated and the images sharded."""
+  return jax.jit(functools.partial(batch_statistics, model=model),
+                 in_shardings=(replicated(mesh), data_sharded(mesh)), out_shardings=replicated(mesh))
+
+
+def precise_batch_stats(state: TrainState, batches, *, stats_fn: Callable, batch_sharding: NamedSharding,
                         num_batches: int) -> TrainState:
   """PreciseBN (Wu & Johnson, "Rethinking 'Batch' in BatchNorm", 2021): the BatchNorm moving statistics
   replaced by the average of `num_batches` batches' statistics under the current weights.
@@ -250,15 +256,14 @@ def precise_batch_stats(state: TrainState, batches, *, model: ResDenseNet, mesh:
   Keras's moving average (momentum 0.99, ~100 steps) trails weights that still move fast (a from-scratch
   model at a large learning rate), so evaluation normalises with statistics of older weights. Only
   inference-mode statistics change; the training trajectory of the parameters does not.
+  `stats_fn`: compile_batch_statistics(model, mesh), compiled once per phase rather than per evaluation.
   """
-  stats_fn = jax.jit(functools.partial(batch_statistics, model=model),
-                     in_shardings=(replicated(mesh), data_sharded(mesh)), out_shardings=replicated(mesh))
   from resdense_jax import data  # pylint: disable=g-import-not-at-top
 
   total, count = None, 0
   for batch in tqdm.tqdm(batches, total=num_batches, desc="precise BN", unit="batch", leave=False,
                          dynamic_ncols=True):
-    images = data.to_global_batch({"image": batch["image"]}, data_sharded(mesh))["image"]
+    images = data.to_global_batch({"image": batch["image"]}, batch_sharding)["image"]
     stats = stats_fn(state.variables, images)
     total = stats if total is None else jax.tree.map(jnp.add, total, stats)
     count += 1
@@ -469,6 +474,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     if compiled_phase is not phase:
       step_fn, compiled_phase = compile_train_step(phase, loss_fn, mesh), phase
       eval_fn = compile_eval_step(phase.model, mesh)
+      stats_fn = compile_batch_statistics(phase.model, mesh) if precise_bn else None
       progress.set_description(f"train [{phase.name}]")
     batch = data.to_global_batch(next(train_iter), batch_sharding)
     state, step_metrics = step_fn(state, batch)
@@ -482,8 +488,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     metrics = None
     if step % eval_every == 0 or step == total_steps:
       if precise_bn:
-        state = precise_batch_stats(state, precise_bn_batches(train_source, config, step), model=phase.model,
-                                    mesh=mesh, num_batches=precise_bn)
+        state = precise_batch_stats(state, precise_bn_batches(train_source, config, step), stats_fn=stats_fn,
+                                    batch_sharding=batch_sharding, num_batches=precise_bn)
       results = evaluate.evaluate(eval_fn, state.variables, val_source, config, batch_sharding)
       record = {"step": step, "epoch": -(-step // steps_per_epoch), "phase": phase.index,
                 "phase_name": phase.name, "train_loss": float(loss_sum) / max(loss_count, 1),

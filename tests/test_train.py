@@ -93,8 +93,10 @@ def test_precise_batch_stats_make_inference_equal_training_mode_on_that_batch(se
   state = train.TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
                            batch_stats=variables["batch_stats"], opt_state=None, rng=jax.random.PRNGKey(0))
   images = np.asarray(batches[0]["image"])
+  mesh = train.create_mesh()
   precise = train.precise_batch_stats(state, iter([{"image": images}, {"image": images[::-1]}]),
-                                      model=phase_model, mesh=train.create_mesh(), num_batches=1)
+                                      stats_fn=train.compile_batch_statistics(phase_model, mesh),
+                                      batch_sharding=train.data_sharded(mesh), num_batches=1)
   logits_train, _ = jax.jit(lambda v, x: phase_model.apply(v, x, train=True, mutable=["batch_stats"]))(
       variables, images)
   logits_eval = jax.jit(lambda v, x: phase_model.apply(v, x, train=False))(precise.variables, images)
