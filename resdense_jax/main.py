@@ -3,6 +3,7 @@
     python -m resdense_jax.main --config=configs/finetune.py --workdir=runs/resdense \
         --config.data.root=/path/to/COV19-CT-DB --config.train.batch_size=16
     python -m resdense_jax.main --config=configs/demo.py --workdir=runs/demo
+    python -m resdense_jax.main --config=configs/finetune.py --workdir=runs/x --config.data.root=... --dry_run
 
 Re-running with the same workdir resumes from its latest checkpoint.
 """
@@ -17,6 +18,8 @@ config_flags.DEFINE_config_file("config", None, "Training configuration file (e.
                                 lock_config=True)
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first: multi-host runs (TPU VM pods, "
                   "GPU clusters), with the coordinator found from the environment. The workdir must be shared.")
+flags.DEFINE_bool("dry_run", False, "Resolve the config and the data, write config.json, print each phase's steps "
+                  "and trainable parameters, and exit without loading weights or training.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -32,10 +35,26 @@ def main(argv):
   from resdense_jax import train  # pylint: disable=g-import-not-at-top
 
   logging.info("JAX devices: %s (process %d of %d)", jax.devices(), jax.process_index(), jax.process_count())
+  if FLAGS.dry_run:
+    print(_plan_table(train.dry_run(FLAGS.config, FLAGS.workdir)), flush=True)
+    print(f"dry run: resolved config in {FLAGS.workdir}/config.json; nothing trained", flush=True)
+    return
   result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   best = result.get("best_" + FLAGS.config.eval.best_metric)
   print(f"done: best {FLAGS.config.eval.best_metric} {best} at step {result.get('best_step')}; "
         f"workdir {FLAGS.workdir}", flush=True)
+
+
+def _plan_table(plan: dict) -> str:
+  lines = [f"{' + '.join(plan['backbones'])} at {plan['image_size']}x{plan['image_size']}, batch {plan['batch_size']}: "
+           f"{plan['train_scans']} training scans ({plan['train_slices']} slices, {plan['steps_per_epoch']} steps "
+           f"per epoch), {plan['validation_scans']} validation scans",
+           "| phase | steps | freeze | optimizer | trainable params | frozen params |",
+           "| --- | --- | --- | --- | --- | --- |"]
+  for p in plan["phases"]:
+    lines.append(f"| {p['name']} | {p['start_step']}-{p['end_step']} | {', '.join(p['freeze']) or '-'} | "
+                 f"{p['optimizer']} {p['learning_rate']:g} | {p['trainable_params']:,} | {p['frozen_params']:,} |")
+  return "\n".join(lines)
 
 
 if __name__ == "__main__":

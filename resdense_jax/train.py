@@ -407,6 +407,45 @@ def save_resolved_config(config, workdir: pathlib.Path) -> None:
     checkpoints.write_json_atomic(folder / "config.json", json.loads(config.to_json_best_effort()))
 
 
+def setup_run(config, workdir: pathlib.Path):
+  """What a run settles before its first step: (train source, validation source, steps per epoch, phase plan).
+
+  Checks the batch sizes against the devices, finds the data and writes the resolved config.json.
+  """
+  from resdense_jax import data  # pylint: disable=g-import-not-at-top
+
+  workdir.mkdir(parents=True, exist_ok=True)
+  devices = len(jax.devices())
+  if config.train.batch_size % devices or config.eval.batch_size % devices:
+    raise ValueError(f"train/eval batch sizes ({config.train.batch_size}, {config.eval.batch_size}) must divide "
+                     f"evenly over the {devices} devices")
+  train_source, val_source = data_sources(config, workdir)
+  steps_per_epoch = data.steps_per_epoch(train_source, config.train.batch_size,
+                                         middle_fraction=config.data.middle_fraction)
+  plan = plan_phases(config, steps_per_epoch)
+  save_resolved_config(config, workdir)
+  return train_source, val_source, steps_per_epoch, plan
+
+
+def dry_run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
+  """Everything train_and_evaluate settles before training, without training: the data, config.json, and per
+  phase its steps, freezing and parameter counts. Shapes only: no weights loaded, nothing compiled."""
+  train_source, val_source, steps_per_epoch, plan = setup_run(config, pathlib.Path(workdir))
+  model = create_model(config.model)
+  size = config.data.image_size
+  params = jax.eval_shape(functools.partial(model.init, train=False), jax.random.PRNGKey(0),
+                          jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32))["params"]
+  phases = []
+  for index, (name, phase_config, start, end) in enumerate(plan):
+    counts = optim.count(create_phase(index, plan, config, params).labels, params)
+    phases.append({"name": name, "start_step": start, "end_step": end, "freeze": list(phase_config.freeze),
+                   "optimizer": phase_config.optimizer.name, "learning_rate": phase_config.optimizer.learning_rate,
+                   "trainable_params": counts[optim.TRAINABLE], "frozen_params": counts[optim.FROZEN]})
+  return {"backbones": list(model.backbones), "image_size": size, "batch_size": config.train.batch_size,
+          "train_scans": len(train_source.scans), "train_slices": int(np.sum(train_source.num_slices)),
+          "validation_scans": len(val_source.scans), "steps_per_epoch": steps_per_epoch, "phases": phases}
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
                        max_steps: int | None = None) -> dict:
   """Trains (resuming from the latest checkpoint in `workdir`), evaluating after each epoch.
@@ -417,18 +456,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   from resdense_jax import data  # pylint: disable=g-import-not-at-top
 
   workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
   mesh = create_mesh()
   batch_size = config.train.batch_size
-  if batch_size % len(jax.devices()) or config.eval.batch_size % len(jax.devices()):
-    raise ValueError(f"train/eval batch sizes ({batch_size}, {config.eval.batch_size}) must divide evenly over "
-                     f"the {len(jax.devices())} devices")
-  train_source, val_source = data_sources(config, workdir)
-  steps_per_epoch = data.steps_per_epoch(train_source, batch_size, middle_fraction=config.data.middle_fraction)
-  plan = plan_phases(config, steps_per_epoch)
+  train_source, val_source, steps_per_epoch, plan = setup_run(config, workdir)
   total_steps = plan[-1][3]
   eval_every = steps_per_epoch * config.train.eval_every_epochs
-  save_resolved_config(config, workdir)
 
   model = create_model(config.model)
   # Initial weights from the RBG generator: the init program compiles ~3x faster on CPU than with threefry

@@ -1,4 +1,4 @@
-"""Test-wide setup: the JAX CPU backend, Keras 3 on JAX as the reference implementation."""
+"""Test-wide setup: the JAX CPU backend, Keras 3 on JAX as the reference implementation, one XLA cache per worker."""
 
 import os
 
@@ -7,10 +7,20 @@ os.environ.setdefault("KERAS_BACKEND", "jax")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import pathlib  # noqa: E402
+import tempfile  # noqa: E402
 
+import jax  # noqa: E402
 import pytest  # noqa: E402
 
 SHARED_DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+# Many tests compile the same small programs (a run, a killed run, its resumption, the CLI in-process): a
+# compilation cache private to this test process compiles each once. It is set here, for every test, so that
+# no test's behaviour depends on which other test module happened to be imported first.
+XLA_CACHE_DIR = tempfile.mkdtemp(prefix="resdense_jax_test_xla_")
+jax.config.update("jax_compilation_cache_dir", XLA_CACHE_DIR)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 @pytest.fixture

@@ -2,9 +2,6 @@
 
 import pathlib
 import sys
-import tempfile
-
-import jax
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "configs"))
@@ -12,12 +9,6 @@ sys.path.insert(0, str(ROOT / "configs"))
 import common  # noqa: E402
 
 from resdense_jax import data  # noqa: E402
-
-# The engine tests run the same small programs several times (a run, a killed run, its resumption): a
-# compilation cache for this test process compiles each once.
-jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="resdense_jax_test_xla_"))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 TINY_BACKBONES = {"resnet50": dict(stage_sizes=(1, 1, 1, 1), filters=(4, 8, 8, 8), stem_filters=8),
                   "densenet121": dict(blocks=(1, 1, 1, 1), growth_rate=4, stem_filters=8)}

@@ -10,6 +10,20 @@ import pytest
 from data_fixtures import numbered_slices, small_collection, write_image_scan
 
 from resdense_jax import data
+from resdense_jax.data import pipeline
+
+
+@pytest.fixture(autouse=True)
+def bad_slices(monkeypatch):
+  """A fresh process-wide bad-slice counter for each test of this file.
+
+  `pipeline.BAD_SLICES` lives for the whole process and its summary names only the first 10
+  paths, so a test that read other bad slices first could push this file's paths out of it;
+  and this file's tests must not leave theirs behind for others.
+  """
+  counter = pipeline.BadSlices()
+  monkeypatch.setattr(pipeline, "BAD_SLICES", counter)
+  return counter
 
 
 class TaggedSlices:
@@ -148,16 +162,29 @@ def test_eval_in_order_padded_and_masked():
   assert batches[0]["label"].dtype == np.int32 and batches[0]["image"].shape == (3, 8, 8, 3)
 
 
-def test_bad_slices_are_skipped_in_training_and_masked_in_eval():
+def test_bad_slices_are_skipped_in_training_and_masked_in_eval(bad_slices):
   source = TaggedSlices([4, 4], bad={(1, 2)})
   with pytest.warns(data.DataWarning, match=re.escape("/fake/s1/2.jpg")):
     tags = _epoch_tags(data.train_pipeline(source, image_size=8, batch_size=7, seed=0,
                                            augment=False, num_epochs=1, read_threads=1), 1)
   assert sorted(tags) == sorted((s, i) for s in range(2) for i in range(4) if (s, i) != (1, 2))
-  assert "/fake/s1/2.jpg" in data.bad_slice_summary()
+  # One epoch reads each of the 8 slices once: 7 good, 1 bad.
+  assert data.bad_slice_summary() == "1 bad slice reads in 1 files (7 good): /fake/s1/2.jpg"
   with pytest.warns(data.DataWarning):
     batch = next(iter(data.eval_pipeline(source, image_size=8, batch_size=8)))
   assert batch["mask"].tolist() == [True] * 6 + [False] + [True]
+  assert dict(bad_slices.paths) == {"/fake/s1/2.jpg": 2}  # Counted again, named once.
+  assert data.bad_slice_summary().startswith("2 bad slice reads in 1 files")
+
+
+def test_bad_slice_summary_counts_all_and_names_the_first_ten(bad_slices):
+  assert data.bad_slice_summary() == "no bad slices (0 read)"
+  bad_slices.ok(5)
+  for i in range(12):
+    bad_slices.bad(data.SliceError(Path(f"/fake/s{i}/0.jpg"), "corrupt"), quiet=True)
+  bad_slices.bad(data.SliceError(Path("/fake/s0/0.jpg"), "corrupt"), quiet=True)
+  named = ", ".join(f"/fake/s{i}/0.jpg" for i in range(10))
+  assert data.bad_slice_summary() == f"13 bad slice reads in 12 files (5 good): {named}"
 
 
 def test_all_broken_data_stops_instead_of_spinning():

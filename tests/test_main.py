@@ -1,9 +1,12 @@
 """The entry point's flags: required flags, config overrides, and the clear message when data is missing."""
 
+import json
 import os
 import pathlib
 import subprocess
 import sys
+
+import demo_configs
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -25,7 +28,37 @@ def test_missing_workdir_flag_is_a_usage_error():
   assert proc.returncode != 0 and "workdir" in proc.stderr
 
 
-def test_configs_resolve_with_overrides():
+def test_command_line_overrides_reach_the_saved_config(tmp_path):
+  """The README's override forms (a tuple, a nested field, an element of the phase list, numbers, strings,
+  booleans) through the real command line; --dry_run writes config.json and the plan without training."""
+  root = demo_configs.tiny_collection(tmp_path / "ct")
+  workdir = tmp_path / "run"
+  proc = _main("--config=configs/finetune.py", f"--workdir={workdir}", f"--config.data.root={root}",
+               """--config.model.backbones=("resnet152","densenet201")""", "--config.model.pooling=gem",
+               "--config.train.batch_size=16", "--config.phases[1].epochs=3", "--config.phases[0].optimizer.name=adam",
+               "--config.phases[0].optimizer.learning_rate=0.003", "--config.data.augment=False",
+               "--config.model.fusion_filters=256", "--dry_run")
+  assert proc.returncode == 0, proc.stderr
+  saved = json.loads((workdir / "config.json").read_text())
+  assert saved == json.loads((workdir / "checkpoints" / "config.json").read_text())
+  assert saved["model"]["backbones"] == ["resnet152", "densenet201"]
+  assert saved["model"]["pooling"] == "gem" and saved["model"]["fusion_filters"] == 256
+  assert saved["train"]["batch_size"] == 16 and saved["data"]["augment"] is False
+  assert saved["data"]["root"] == str(root)
+  assert [p["epochs"] for p in saved["phases"]] == [10, 3]
+  assert saved["phases"][0]["optimizer"] == {**saved["phases"][1]["optimizer"], "name": "adam",
+                                             "learning_rate": 0.003}
+  # Fields not overridden keep configs/finetune.py's values.
+  assert saved["data"]["image_size"] == 256 and saved["model"]["pretrained"] == "imagenet"
+  # The plan the run would follow: 30 training slices at batch 16 -> 1 step per epoch, 10 + 3 epochs.
+  out = proc.stdout
+  assert "resnet152 + densenet201 at 256x256, batch 16: 6 training scans (30 slices, 1 steps per epoch)" in out
+  assert "| head | 0-10 | backbones | adam 0.003 |" in out and "| finetune | 10-13 | backbones:100 | rmsprop" in out
+  assert "nothing trained" in out and not (workdir / "metrics.jsonl").exists()
+  assert not [p for p in (workdir / "checkpoints").iterdir() if p.name != "config.json"]
+
+
+def test_configs_resolve():
   sys.path.insert(0, str(ROOT / "configs"))
   import demo
   import finetune

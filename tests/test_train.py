@@ -1,7 +1,11 @@
 """The train step with freezing (bitwise-frozen weights and BatchNorm statistics), phases, and kill-and-resume."""
 
-import functools
 import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +17,7 @@ from flax import traverse_util
 from resdense_jax import checkpoints, losses, optim, train
 
 import demo_configs
+import trees
 
 SIZE = 32
 
@@ -79,8 +84,7 @@ def test_backbone_bn_inference_keeps_every_statistic(setup):
   forward = jax.jit(lambda v, x: inference_bn.apply(v, x, train=True, mutable=["batch_stats"], rngs={
       "dropout": jax.random.PRNGKey(0)})[1]["batch_stats"])
   kept = forward(variables, batches[0]["image"])
-  for a, b in zip(jax.tree.leaves(variables["batch_stats"]), jax.tree.leaves(kept)):
-    assert np.array_equal(np.asarray(a), np.asarray(b))
+  trees.assert_trees_equal(kept, variables["batch_stats"])
 
 
 def test_precise_batch_stats_make_inference_equal_training_mode_on_that_batch(setup):
@@ -124,48 +128,88 @@ def test_phase_plan_and_phase_models():
   assert all(len(names) > 0 for _, names in head.model.frozen_bn)
 
 
-def test_kill_and_resume_equals_uninterrupted_run(tmp_path, monkeypatch):
+# A training run in its own process, SIGKILLed (no exception, no cleanup, nothing flushed) while it runs step
+# `kill_at` + 1, as soon as the asynchronous checkpoint of step `committed` is on disk.
+KILLED_RUN = """
+import os, pathlib, signal, sys, time
+sys.path.insert(0, {tests!r})
+import jax
+jax.config.update("jax_compilation_cache_dir", {cache!r})
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+from resdense_jax import train
+import test_train
+real_compile, calls = train.compile_train_step, {{"n": int({first_step})}}
+def dying_compile(*args, **kwargs):
+  step = real_compile(*args, **kwargs)
+  def dying_step(state, batch):
+    if calls["n"] == {kill_at}:
+      committed = pathlib.Path({workdir!r}) / "checkpoints" / "{committed}"
+      deadline = time.monotonic() + 120
+      while not (committed / "_CHECKPOINT_METADATA").is_file() and time.monotonic() < deadline:
+        time.sleep(0.01)
+      os.kill(os.getpid(), signal.SIGKILL)
+    calls["n"] += 1
+    return step(state, batch)
+  return dying_step
+train.compile_train_step = dying_compile
+train.train_and_evaluate(test_train.resume_config({root!r}), {workdir!r})
+"""
+
+
+def resume_config(data_root) -> ml_collections.ConfigDict:
+  """3 steps per epoch, evaluations at steps 3, 6, 9; checkpoints also at 2, 4, 8 (mid-epoch), asynchronous."""
   config = demo_configs.tiny_config()
-  config.train.checkpoint_every_steps = 2
-  config.train.async_checkpointing = False
-  config.train.precise_bn_batches = 2  # its batches are drawn from (seed, step): a resumed run draws the same
-  data_root = demo_configs.tiny_collection(tmp_path / "data")
   config.data.root = str(data_root)
+  config.train.checkpoint_every_steps = 2
+  assert config.train.async_checkpointing  # the default, under test here
+  config.train.precise_bn_batches = 2  # its batches are drawn from (seed, step): a resumed run draws the same
+  return config
+
+
+def _run_killed(root, workdir, *, first_step: int, kill_at: int, committed: int) -> str:
+  code = KILLED_RUN.format(tests=str(pathlib.Path(__file__).parent), cache=jax.config.jax_compilation_cache_dir,
+                           root=str(root), workdir=str(workdir), first_step=first_step, kill_at=kill_at,
+                           committed=committed)
+  proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, "JAX_PLATFORMS": "cpu"},
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == -signal.SIGKILL, f"exit {proc.returncode}:\n{proc.stderr[-3000:]}"
+  return proc.stdout + proc.stderr
+
+
+def test_sigkill_mid_epoch_and_resume_equals_uninterrupted_run(tmp_path, capsys):
+  data_root = demo_configs.tiny_collection(tmp_path / "data")
+  config = resume_config(data_root)
   straight = train.train_and_evaluate(config, tmp_path / "straight")
+  assert straight["step"] == 9
 
-  # A run "killed" (an exception mid-step, nothing saved at that moment) after 7 steps, then resumed.
-  real_compile = train.compile_train_step
-  calls = {"n": 0}
+  # Killed during step 5: the latest checkpoint is step 4, mid-way through epoch 2 (phase 1), so the resumed run
+  # must restore the phase's optimizer state, the data iterator's mid-epoch position and the running loss sum
+  # of step 4 (the epoch-2 train_loss averages steps 4 to 6).
+  resumed = tmp_path / "resumed"
+  _run_killed(data_root, resumed, first_step=0, kill_at=4, committed=4)
+  # Killed again during step 7 of the resumed run: this time the latest checkpoint is an evaluation boundary.
+  out = _run_killed(data_root, resumed, first_step=4, kill_at=6, committed=6)
+  assert "resumed from" in out and "step 4 (phase finetune)" in out
+  result = train.train_and_evaluate(config, resumed)
+  assert "step 6 (phase finetune)" in capsys.readouterr().out
 
-  def dying_compile(*args, **kwargs):
-    step = real_compile(*args, **kwargs)
-
-    def dying_step(state, batch):
-      if calls["n"] == 7:
-        raise KeyboardInterrupt("killed")
-      calls["n"] += 1
-      return step(state, batch)
-    return dying_step
-
-  monkeypatch.setattr(train, "compile_train_step", dying_compile)
-  with pytest.raises(KeyboardInterrupt):
-    train.train_and_evaluate(config, tmp_path / "resumed")
-  monkeypatch.setattr(train, "compile_train_step", real_compile)
-  resumed = train.train_and_evaluate(config, tmp_path / "resumed")
-
-  assert resumed["step"] == straight["step"]
-  for key in ("train_loss", "val_scan_macro_f1", "val_scan_auc", "val_slice_accuracy"):
-    assert resumed[key] == pytest.approx(straight[key], rel=1e-6, abs=1e-7), key
+  assert result["step"] == straight["step"] and result["best_step"] == straight["best_step"]
   a = [json.loads(l) for l in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
-  b = [json.loads(l) for l in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
-  assert [r["step"] for r in a] == [r["step"] for r in b]
+  b = [json.loads(l) for l in (resumed / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in b] == [r["step"] for r in a] == [3, 6, 9]
   for ra, rb in zip(a, b):
-    assert ra["train_loss"] == pytest.approx(rb["train_loss"], rel=1e-6)
-  # The final weights agree too (to float noise: the same ops on the same data in the same order).
-  _, va, _ = checkpoints.load_for_inference(tmp_path / "straight" / "checkpoints" / str(straight["step"]))
-  _, vb, _ = checkpoints.load_for_inference(tmp_path / "resumed" / "checkpoints" / str(resumed["step"]))
-  for x, y in zip(jax.tree.leaves(va), jax.tree.leaves(vb)):
-    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-7)
+    assert ra.keys() == rb.keys()
+    for key, value in ra.items():
+      if isinstance(value, float):
+        assert rb[key] == pytest.approx(value, rel=1e-6, abs=1e-7), (ra["step"], key)
+      else:
+        assert rb[key] == value, (ra["step"], key)
+  # The final weights and statistics agree too (to float noise: the same ops on the same data in the same order).
+  for step in sorted({straight["step"], straight["best_step"]}):
+    _, va, _ = checkpoints.load_for_inference(tmp_path / "straight" / "checkpoints" / str(step))
+    _, vb, _ = checkpoints.load_for_inference(resumed / "checkpoints" / str(step))
+    trees.assert_trees_close(vb, va, rtol=1e-6, atol=1e-7)
   _check_workdir(tmp_path / "straight", straight)
 
 

@@ -196,20 +196,23 @@ class PreparedData:
   """
 
   def __init__(self, data_dir, split: str = "train", *, image_size: int | None = None,
-               encoding: str = "jpeg"):
+               encoding: str | None = None):
+    """`image_size` / `encoding` pick one prepared variant; either may be left out where only one fits."""
     self.data_dir, self.split = Path(data_dir), split
     configs = _config_dirs(self.data_dir)
     if not configs:
       raise ScanError(self.data_dir / NAME, "no prepared dataset here (run "
                       "python -m resdense_jax.data.prepare --source=... --out=...)")
-    if image_size is None and len(configs) == 1:
-      self.config = next(iter(configs))
-    else:
-      name = f"{image_size}px" + ("" if encoding == "jpeg" else f"_{encoding}")
-      if name not in configs:
-        raise ScanError(self.data_dir / NAME, f"no prepared variant {name!r}; found "
-                        f"{', '.join(configs)}")
-      self.config = name
+    names = [f"{size}px" + ("" if enc == "jpeg" else f"_{enc}")
+             for size in ([image_size] if image_size is not None else sorted({int(c.split("px")[0]) for c in configs}))
+             for enc in ([encoding] if encoding is not None else ["jpeg", "png"])]
+    fitting = [name for name in names if name in configs]
+    if len(fitting) != 1:
+      wanted = ", ".join(f"{k} {v}" for k, v in (("image_size", image_size), ("encoding", encoding)) if v is not None)
+      problem = "no prepared variant" if not fitting else "more than one prepared variant"
+      raise ScanError(self.data_dir / NAME, f"{problem} with {wanted or 'no image_size or encoding given'}; "
+                      f"found {', '.join(configs)}")
+    self.config = fitting[0]
     builder = tfds.builder_from_directory(str(configs[self.config]))
     metadata = builder.info.metadata
     if split not in metadata["scans"]:
