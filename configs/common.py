@@ -15,6 +15,7 @@ def phase(name: str, epochs: int, freeze: tuple[str, ...], optimizer: str = "rms
           "learning_rate": learning_rate,
           "schedule": "constant",         # constant | cosine | warmup_cosine (over the phase)
           "warmup_steps": 0,
+          "momentum": 0.0,                # sgd only (Keras SGD momentum; exact to Keras at a constant rate)
           "weight_decay": 0.0,            # decoupled, on kernels only
       },
   })

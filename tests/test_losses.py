@@ -33,6 +33,21 @@ def test_sparse_categorical_cross_entropy_equals_keras():
                              np.asarray(expected), rtol=1e-6)
 
 
+def test_two_logit_softmax_is_the_sigmoid_of_the_logit_difference():
+  # With two classes, softmax[:, 1] = sigmoid(z1 - z0), so the softmax head's loss and P(COVID) have closed forms:
+  # loss = mean(log(1 + exp(-s * (z1 - z0)))) with s = +1 for COVID, -1 otherwise; p = 1 / (1 + exp(-(z1 - z0))).
+  logits = RNG.normal(size=(16, 2)).astype(np.float32) * 3
+  labels = np.array([0, 1] * 8)
+  margin = (logits[:, 1] - logits[:, 0]).astype(np.float64)
+  sign = np.where(labels == 1, 1.0, -1.0)
+  loss = losses.get_loss("sparse_categorical_cross_entropy")(jnp.asarray(logits), jnp.asarray(labels))
+  np.testing.assert_allclose(loss, np.mean(np.log1p(np.exp(-sign * margin))), rtol=1e-6)
+  np.testing.assert_allclose(losses.covid_probability(jnp.asarray(logits)), 1 / (1 + np.exp(-margin)), rtol=1e-5)
+  # The same numbers as the one-logit head fed the difference.
+  np.testing.assert_allclose(loss, losses.binary_cross_entropy(jnp.asarray(margin, jnp.float32), jnp.asarray(labels)),
+                             rtol=1e-5)
+
+
 def test_sigmoid_focal_loss_equals_keras():
   logits = RNG.normal(size=(16, 1)).astype(np.float32) * 3
   labels = RNG.integers(0, 2, size=16)

@@ -1,5 +1,7 @@
-"""Optimizers against Keras, and freezing label masks (rules, Keras layer boundaries, no frozen state)."""
+"""Optimizers against Keras (RMSprop, Adam, SGD with and without momentum), learning-rate schedules by hand and
+through a phase's optimizer, and freezing label masks (rules, Keras layer boundaries, no frozen state)."""
 
+import math
 import os
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
@@ -13,9 +15,13 @@ import optax
 import pytest
 from flax import traverse_util
 
+import demo_configs  # also puts configs/ on the path
+import trees
 from keras_fixtures import build_keras
-from resdense_jax import models, optim
+from resdense_jax import models, optim, train
 from resdense_jax.models.resdense import ResDenseNet
+
+import common  # noqa: E402  pylint: disable=g-bad-import-order  (configs/common.py)
 
 SMALL = {"resnet50": dict(stage_sizes=(1, 1, 1, 1), filters=(4, 8, 8, 8), stem_filters=8),
          "densenet121": dict(blocks=(1, 1, 1, 1), growth_rate=4, stem_filters=8)}
@@ -31,26 +37,146 @@ def _grads_sequence(rng, shapes, steps):
   return [[rng.normal(size=s).astype(np.float32) * 10.0 ** rng.uniform(-4, 0) for s in shapes] for _ in range(steps)]
 
 
-@pytest.mark.parametrize("name", ["rmsprop", "adam"])
-def test_optimizer_steps_equal_keras(name):
+# (optimizer name, extra optimizer fields, learning rate, the Keras optimizer it stands for)
+KERAS_OPTIMIZERS = {
+    "rmsprop": ("rmsprop", {}, 1e-3, lambda: keras.optimizers.RMSprop(learning_rate=1e-3)),
+    "adam": ("adam", {}, 1e-3, lambda: keras.optimizers.Adam(learning_rate=1e-3)),
+    "sgd": ("sgd", {}, 0.1, lambda: keras.optimizers.SGD(learning_rate=0.1)),
+    # `momentum` is a field of every phase's optimizer in configs/common.py (0: plain SGD).
+    "sgd_momentum": ("sgd", {"momentum": 0.9}, 0.1, lambda: keras.optimizers.SGD(learning_rate=0.1, momentum=0.9)),
+}
+
+
+@pytest.mark.parametrize("case", list(KERAS_OPTIMIZERS))
+def test_optimizer_steps_equal_keras(case):
+  name, extra, learning_rate, keras_optimizer = KERAS_OPTIMIZERS[case]
   rng = np.random.default_rng(0)
   shapes = [(3, 3, 4, 5), (5,), (7, 2)]
   params = [rng.normal(size=s).astype(np.float32) for s in shapes]
-  config = ml_collections.ConfigDict({"name": name, "learning_rate": 1e-3})
-  tx = optim.base_optimizer(config, num_steps=10)
-  keras_opt = (keras.optimizers.RMSprop(learning_rate=1e-3) if name == "rmsprop"
-               else keras.optimizers.Adam(learning_rate=1e-3))
+  # The engine's path: a phase's optimizer config as configs/common.py writes it, through create_optimizer.
+  config = common.phase("phase", 1, (), optimizer=name, learning_rate=learning_rate).optimizer
+  config.update(extra)
+  tx = optim.create_optimizer(config, [optim.TRAINABLE] * len(shapes), num_steps=10)
+  keras_opt = keras_optimizer()
   ours = [jnp.asarray(p) for p in params]
-  theirs = [p.copy() for p in params]
   state = tx.init(ours)
-  variables = [keras.Variable(p) for p in theirs]
+  variables = [keras.Variable(p) for p in params]
+  # Three steps: momentum (and Adam's/RMSprop's accumulators) only show from the second step on.
   for grads in _grads_sequence(rng, shapes, 3):
     updates, state = tx.update([jnp.asarray(g) for g in grads], state, ours)
     ours = optax.apply_updates(ours, updates)
     keras_opt.apply_gradients(zip(grads, variables))
-  for a, v, p0 in zip(ours, variables, params):
-    np.testing.assert_allclose(np.asarray(a), v.numpy(), rtol=1e-6, atol=1e-7)
-    assert not np.allclose(np.asarray(a), p0)  # the step moved the weights
+  trees.assert_trees_close(ours, [v.numpy() for v in variables], rtol=1e-6, atol=1e-7)
+  for i, (after, before) in enumerate(zip(ours, params)):
+    assert not np.allclose(np.asarray(after), before), f"param {i} did not move"
+
+
+def test_sgd_steps_by_hand():
+  # SGD: p -= lr * g; with momentum mu (Keras's form): v = mu * v - lr * g; p += v.
+  p0 = np.array([1.0, -2.0, 0.5], np.float32)
+  g1, g2 = np.array([0.5, 1.0, -2.0], np.float32), np.array([1.0, -1.0, 0.25], np.float32)
+  lr, mu = 0.1, 0.9
+  for momentum, expected in ((0.0, p0 - lr * g1 - lr * g2), (mu, p0 - lr * g1 + (mu * -lr * g1 - lr * g2))):
+    config = common.phase("phase", 1, (), optimizer="sgd", learning_rate=lr).optimizer
+    config.momentum = momentum
+    tx = optim.create_optimizer(config, {"w": optim.TRAINABLE}, num_steps=2)
+    params = {"w": jnp.asarray(p0)}
+    state = tx.init(params)
+    for g in (g1, g2):
+      updates, state = tx.update({"w": jnp.asarray(g)}, state, params)
+      params = optax.apply_updates(params, updates)
+    np.testing.assert_allclose(np.asarray(params["w"]), expected, rtol=1e-6, err_msg=f"momentum {momentum}")
+
+
+# ---------------------------------------------------------------------------------------------- schedules
+
+PEAK = 0.1
+PHASE_STEPS = 8
+WARMUP = 2
+
+
+def hand_learning_rate(schedule: str, step: int, *, lr: float = PEAK, num_steps: int = PHASE_STEPS,
+                       warmup: int = WARMUP) -> float:
+  """The phase's learning rate at `step` (0-based, counted from the phase's start), by the formula.
+
+  constant:       lr
+  cosine:         lr * (1 + cos(pi * min(t, n) / n)) / 2               (lr at 0, lr/2 at n/2, 0 from n on)
+  warmup_cosine:  lr * t / w for t < w, then
+                  lr * (1 + cos(pi * min(t - w, n - w) / (n - w))) / 2  (0 at 0, lr at w, 0 from n on)
+  with n the phase's length in steps (warmup included) and w the warmup steps.
+  """
+  if schedule == "constant":
+    return lr
+  if schedule == "cosine":
+    return lr * (1 + math.cos(math.pi * min(step, num_steps) / num_steps)) / 2
+  if step < warmup:
+    return lr * step / warmup
+  decay = num_steps - warmup
+  return lr * (1 + math.cos(math.pi * min(step - warmup, decay) / decay)) / 2
+
+
+# Spot values of the formula itself (n = 8, w = 2), in units of the peak: start, middle, end, past the end.
+SPOT_VALUES = {
+    "constant": {0: 1.0, 4: 1.0, 8: 1.0, 10: 1.0},
+    "cosine": {0: 1.0, 2: (1 + math.cos(math.pi / 4)) / 2, 4: 0.5, 8: 0.0, 10: 0.0},
+    "warmup_cosine": {0: 0.0, 1: 0.5, 2: 1.0, 5: 0.5, 8: 0.0, 10: 0.0},
+}
+
+
+def _optimizer_config(schedule: str) -> ml_collections.ConfigDict:
+  config = common.phase("phase", 1, (), optimizer="sgd", learning_rate=PEAK).optimizer
+  config.schedule = schedule
+  config.warmup_steps = WARMUP
+  return config
+
+
+@pytest.mark.parametrize("schedule", list(SPOT_VALUES))
+def test_schedule_values_by_hand(schedule):
+  lr = optim.learning_rate_schedule(_optimizer_config(schedule), PHASE_STEPS)
+  for step, value in SPOT_VALUES[schedule].items():
+    assert hand_learning_rate(schedule, step) == pytest.approx(PEAK * value, abs=1e-12)
+    assert float(lr(step)) == pytest.approx(PEAK * value, rel=1e-6, abs=1e-9), f"step {step}"
+
+
+@pytest.fixture(scope="module")
+def tiny_params():
+  """Zero parameters of the tiny engine config's model (abstract init: nothing compiled)."""
+  model = train.create_model(demo_configs.tiny_config().model)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3))))["params"]
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "warmup_cosine", "constant"])
+def test_phase_optimizer_follows_its_schedule(tiny_params, schedule):
+  """With gradient 1, the engine's phase optimizer (SGD) moves every trainable parameter by -lr(t).
+
+  The second phase runs steps [4, 12): its schedule must run over its own PHASE_STEPS (not up to its end step,
+  not over the whole run), counted from its own start, warmup included; frozen parameters get 0.
+  """
+  params = tiny_params
+  steps_per_epoch = 4
+  config = demo_configs.tiny_config()
+  config.phases = [common.phase("head", 1, ("backbones",), optimizer="sgd", learning_rate=PEAK),
+                   common.phase("finetune", PHASE_STEPS // steps_per_epoch, ("backbones:10",), optimizer="sgd",
+                                learning_rate=PEAK)]
+  config.phases[1].optimizer = _optimizer_config(schedule)
+  plan = train.plan_phases(config, steps_per_epoch)
+  phase = train.create_phase(1, plan, config, params)
+  assert (phase.start_step, phase.end_step) == (steps_per_epoch, steps_per_epoch + PHASE_STEPS)
+  counts = optim.count(phase.labels, params)
+  assert counts[optim.TRAINABLE] and counts[optim.FROZEN]
+  opt_state = phase.tx.init(params)
+  ones = jax.tree.map(jnp.ones_like, params)
+  update = jax.jit(phase.tx.update)
+  for step in range(PHASE_STEPS + 2):  # start, middle, end, and past the end
+    updates, opt_state = update(ones, opt_state, params)
+    lr = hand_learning_rate(schedule, step)
+    expected = jax.tree.map(lambda label, p, lr=lr: np.full(p.shape, -lr if label == optim.TRAINABLE else 0.0,
+                                                             np.float32), phase.labels, params)
+    # A plain parameter first (a readable message), then every leaf, frozen ones included.
+    bias = float(updates["predictions"]["bias"][0])
+    assert bias == pytest.approx(-lr, rel=1e-5, abs=1e-9), f"step {step}: update {bias}, lr by hand {lr}"
+    trees.assert_trees_close(updates, expected, rtol=1e-5, atol=1e-8)
 
 
 def test_rmsprop_keras_helper_is_one_keras_step():

@@ -1,7 +1,12 @@
-"""Res-Dense Net: structure, options, and one full train step against a Keras reference built the same way."""
+"""Res-Dense Net: structure, options, bf16 compute, and inference and one train step of each head form (sigmoid,
+softmax) against a Keras reference built the same way."""
 
+import dataclasses
 import functools
 import os
+import pathlib
+import sys
+from typing import Callable, Mapping
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
@@ -15,10 +20,14 @@ from flax import traverse_util
 from keras.src.applications import densenet as keras_densenet
 from keras.src.applications import resnet as keras_resnet
 
+import trees
 from keras_fixtures import _zero_initializers as zero_initializers
 from keras_fixtures import randomize_weights
 from resdense_jax import losses, models, optim, train
 from resdense_jax.models.resdense import GeMPool, ResDenseNet
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "configs"))
+import common  # noqa: E402  the engine's config fields and phases
 
 SIZE = 64
 RESNET_FILTERS = (8, 16, 16, 16)
@@ -26,15 +35,11 @@ RESNET_FILTERS = (8, 16, 16, 16)
 SMALL = {"resnet50": dict(stage_sizes=(1, 1, 1, 1), filters=RESNET_FILTERS),
          "densenet121": dict(blocks=(1, 1, 1, 1))}
 FUSION = 16
-FREEZE_FIRST = 12  # Keras layers frozen per backbone in the train-step check
+FREEZE_FIRST = 12  # Keras layers frozen per backbone in the sigmoid head's train-step check
 # Structure and option checks need no Keras widths: narrow stems and growth, 32x32 inputs.
 TINY_SIZE = 32
 TINY = {"resnet50": dict(stage_sizes=(1, 1, 1, 1), filters=RESNET_FILTERS, stem_filters=8),
         "densenet121": dict(blocks=(1, 1, 1, 1), growth_rate=4, stem_filters=8)}
-
-
-def small_resdense(**kwargs):
-  return ResDenseNet(backbones=("resnet50", "densenet121"), fusion_filters=FUSION, backbone_kwargs=SMALL, **kwargs)
 
 
 def tiny_resdense(**kwargs):
@@ -88,23 +93,103 @@ def test_gem_pooling_equation_and_avg_limit():
   np.testing.assert_allclose(out1, np.mean(np.asarray(x), axis=(1, 2)), rtol=1e-6)
 
 
-def test_authors_preprocessing_and_bf16():
-  x = jnp.full((1, TINY_SIZE, TINY_SIZE, 3), 128.0)
+def test_authors_preprocessing():
+  x = jnp.asarray(np.random.default_rng(5).uniform(0, 255, (1, TINY_SIZE, TINY_SIZE, 3)), jnp.float32)
   model = tiny_resdense(preprocessing="authors")
-  np.testing.assert_allclose(model.preprocess(x, "densenet121"),
-                             models.preprocess_input(x, "caffe") / 127.5 - 1.0, rtol=1e-6)
-  bf16 = tiny_resdense(dtype=jnp.bfloat16)
-  variables = _init(bf16, x)
-  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(variables["params"]))
-  assert jax.jit(bf16.apply)(variables, x).dtype == jnp.float32
+  expected = models.preprocess_input(x, "caffe") / 127.5 - 1.0
+  for backbone in ("resnet50", "densenet121"):
+    np.testing.assert_allclose(model.preprocess(x, backbone), expected, rtol=1e-6, err_msg=backbone)
   with pytest.raises(ValueError, match="unknown preprocessing"):
     jax.eval_shape(tiny_resdense(preprocessing="nope").init, jax.random.PRNGKey(0), x)
+
+
+def _relative_max_error(ours, reference):
+  """max |ours - reference| / max |reference|: one number for a whole tensor, not inflated by near-zero entries."""
+  ours, reference = np.asarray(ours, np.float64), np.asarray(reference, np.float64)
+  return np.abs(ours - reference).max() / np.abs(reference).max()
+
+
+def test_bf16_compute_is_close_to_float32():
+  # Fixed, non-constant slices: a constant image hides errors that depend on the content (e.g. lost preprocessing).
+  x = jnp.asarray(np.random.default_rng(4).uniform(0, 255, (4, TINY_SIZE, TINY_SIZE, 3)), jnp.float32)
+  float32 = tiny_resdense()
+  bfloat16 = float32.clone(dtype=jnp.bfloat16)
+  # bf16 compute keeps float32 parameters, so one set of variables runs in both.
+  bf16_shapes = jax.eval_shape(bfloat16.init, jax.random.PRNGKey(0), x)
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(bf16_shapes["params"]))
+  variables = _init(float32, x)
+  fusion = ("resnet50_fusion_conv", "densenet121_fusion_conv")
+
+  def run(model):
+    logits, captured = model.apply(variables, x, capture_intermediates=lambda m, _: m.name in fusion,
+                                   mutable=["intermediates"])
+    return logits, {name: captured["intermediates"][name]["__call__"][0] for name in fusion}
+
+  logits32, maps32 = jax.jit(lambda: run(float32))()
+  logits16, maps16 = jax.jit(lambda: run(bfloat16))()
+  assert logits16.dtype == jnp.float32
+  assert all(maps16[name].dtype == jnp.bfloat16 for name in fusion)  # the compute really was bf16
+  # bf16 keeps 8 mantissa bits (~0.4% per rounding); measured 0.9% / 0.6% on the branches, 1.0% on the logits.
+  errors = {name: _relative_max_error(maps16[name], maps32[name]) for name in fusion}
+  errors["logits"] = _relative_max_error(logits16, logits32)
+  assert max(errors.values()) < 2e-2, errors
+  assert np.ptp(np.asarray(logits32)) > 0.1  # the slices give different logits: the comparison is not trivial
 
 
 # ---------------------------------------------------------------------------------- the Keras reference
 
 
-def keras_small_resdense():
+@dataclasses.dataclass(frozen=True)
+class Head:
+  """One head form, the loss the engine trains it with, and what the train-step check freezes."""
+  num_outputs: int
+  loss: str
+  keras_loss: Callable[[], keras.losses.Loss]
+  keras_labels: Callable[[np.ndarray], np.ndarray]
+  keras_probability: Callable[[np.ndarray], np.ndarray]  # P(COVID) from Keras's logits
+  freeze_first: Mapping[str, int]  # per backbone, the Keras layers frozen in the train-step check
+
+
+def _sigmoid(logits):
+  return 1.0 / (1.0 + np.exp(-np.asarray(logits, np.float64)[:, 0]))
+
+
+def _softmax_class_1(logits):
+  logits = np.asarray(logits, np.float64)
+  e = np.exp(logits - logits.max(axis=-1, keepdims=True))
+  return (e / e.sum(axis=-1, keepdims=True))[:, 1]
+
+
+HEADS = {
+    # The paper's head: one logit, binary cross-entropy; the first 12 Keras layers of each backbone frozen, so
+    # the step reaches deep into both backbones.
+    "sigmoid": Head(1, "binary_cross_entropy", lambda: keras.losses.BinaryCrossentropy(from_logits=True),
+                    lambda y: y[:, None].astype(np.float32), _sigmoid,
+                    {"resnet50": FREEZE_FIRST, "densenet121": FREEZE_FIRST}),
+    # The softmax head (config.model.num_outputs=2): only the last stage of each backbone trains; the backbone
+    # gradients are what the sigmoid case checks, this one checks the head, its loss and its BatchNorms' updates.
+    "softmax": Head(2, "sparse_categorical_cross_entropy",
+                    lambda: keras.losses.SparseCategoricalCrossentropy(from_logits=True), lambda y: y,
+                    _softmax_class_1, {"resnet50": 43, "densenet121": 40}),
+}
+
+
+def head_config(head: Head) -> ml_collections.ConfigDict:
+  """The engine's config for the small model with this head: one phase, RMSprop 1e-4, dropout off."""
+  config = common.get_base_config()
+  config.model.backbones = ("resnet50", "densenet121")
+  config.model.backbone_kwargs = SMALL
+  config.model.fusion_filters = FUSION
+  config.model.dropout = 0.0
+  config.model.num_outputs = head.num_outputs
+  config.model.pretrained = "none"
+  config.train.loss = head.loss
+  rules = tuple(f"{name}:{n}" for name, n in head.freeze_first.items())
+  config.phases = [common.phase("step", 1, rules, optimizer="rmsprop", learning_rate=1e-4)]
+  return config
+
+
+def keras_small_resdense(num_outputs: int = 1):
   """Keras: the same small ResNet v1 and DenseNet, each after its preprocessing, fused the same way."""
   keras.backend.clear_session()
   shape = (SIZE, SIZE, 3)
@@ -132,7 +217,7 @@ def keras_small_resdense():
   x = keras.layers.Add(name="add")([r, d])
   x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
   x = keras.layers.Dropout(0.0, name="dropout")(x)
-  outputs = keras.layers.Dense(1, name="predictions")(x)
+  outputs = keras.layers.Dense(num_outputs, name="predictions")(x)
   return keras.Model(inputs, outputs), {"resnet50": resnet, "densenet121": densenet}
 
 
@@ -150,24 +235,53 @@ def flax_variables_from_keras(model: ResDenseNet, keras_model, backbones) -> dic
   return traverse_util.unflatten_dict(flat)
 
 
-@pytest.fixture(scope="module")
-def reference():
-  keras_model, backbones = keras_small_resdense()
-  model = small_resdense(dropout=0.0)
+@dataclasses.dataclass(frozen=True)
+class Reference:
+  head: Head
+  config: ml_collections.ConfigDict
+  keras_model: keras.Model
+  backbones: dict
+  model: ResDenseNet
+  variables: dict
+  images: np.ndarray
+  labels: np.ndarray
+  keras_logits: np.ndarray  # Keras's inference output on `images`, before any train step changes its weights
+
+
+@pytest.fixture(scope="module", params=list(HEADS))
+def reference(request):
+  head = HEADS[request.param]
+  config = head_config(head)
+  keras_model, backbones = keras_small_resdense(head.num_outputs)
+  model = train.create_model(config.model)
+  assert model.num_outputs == head.num_outputs
   variables = flax_variables_from_keras(model, keras_model, backbones)
   expected = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, SIZE, SIZE, 3))))
-  assert jax.tree.structure(variables) == jax.tree.structure(expected)
+  shapes = lambda tree: {path: tuple(v.shape) for path, v in traverse_util.flatten_dict(tree).items()}
+  assert shapes(variables) == shapes(expected)  # every Flax variable, and only those, filled from Keras
   rng = np.random.default_rng(3)
   images = rng.integers(0, 256, (8, SIZE, SIZE, 3)).astype(np.uint8)
   labels = np.array([0, 1, 1, 0, 1, 0, 0, 1], np.int32)
-  return keras_model, backbones, model, variables, images, labels
+  # Keras's jit-compiled inference (training=False); its train step below then changes the weights.
+  keras_logits = np.asarray(keras_model.predict_on_batch(images.astype(np.float32)))
+  assert keras_logits.shape == (8, head.num_outputs)
+  return Reference(head, config, keras_model, backbones, model, variables, images, labels, keras_logits)
 
 
-def test_inference_equals_keras(reference):
-  keras_model, _, model, variables, images, _ = reference
-  ours = model.apply(variables, jnp.asarray(images), train=False)
-  theirs = keras_model(images.astype(np.float32), training=False)
-  np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), rtol=1e-4, atol=1e-5)
+def test_inference_and_probability_equal_keras(reference):
+  r = reference
+
+  @jax.jit
+  def ours(variables, images):
+    return r.model.apply(variables, images, train=False), train.eval_step(variables, images, model=r.model)
+
+  logits, probability = ours(r.variables, jnp.asarray(r.images))
+  np.testing.assert_allclose(np.asarray(logits), r.keras_logits, rtol=1e-4, atol=1e-5)
+  # The eval step's P(COVID): sigmoid of the one logit, or softmax[:, 1] of two.
+  expected = r.head.keras_probability(r.keras_logits)
+  np.testing.assert_allclose(np.asarray(probability), expected, rtol=1e-4, atol=1e-6)
+  # Away from 1/2, so class 0's probability (1 - p) would not pass for class 1's.
+  assert np.abs(expected - 0.5).max() > 0.05
 
 
 def _rel(a, b):
@@ -176,44 +290,45 @@ def _rel(a, b):
 
 
 def test_one_train_step_equals_keras(reference):
-  keras_model, backbones, model, variables, images, labels = reference
-  # Ours: phase rules, frozen BatchNorms in inference mode, RMSprop 1e-4, binary cross-entropy from logits.
-  params = variables["params"]
-  labels_tree = optim.freeze_labels(params, (f"backbones:{FREEZE_FIRST}",), model.keras_layers())
-  frozen_bn = optim.frozen_batchnorm(labels_tree, model.keras_layers())
+  r = reference
+  # Ours, as the engine builds it: the phase's rules, frozen BatchNorms in inference mode, RMSprop 1e-4, the
+  # config's loss from logits.
+  params = r.variables["params"]
+  phase = train.create_phase(0, train.plan_phases(r.config, steps_per_epoch=1), r.config, params)
+  frozen_bn = dict(phase.model.frozen_bn)
   assert frozen_bn["resnet50"] and frozen_bn["densenet121"]
-  phase_model = model.clone(frozen_bn=tuple(frozen_bn.items()))
-  tx = optim.create_optimizer(ml_collections.ConfigDict({"name": "rmsprop", "learning_rate": 1e-4}),
-                              labels_tree, 1)
-  state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables["batch_stats"],
-                           opt_state=tx.init(params), rng=jax.random.PRNGKey(0))
-  step = jax.jit(functools.partial(train.train_step, model=phase_model, tx=tx, labels=labels_tree,
-                                   loss_fn=losses.binary_cross_entropy))
-  new_state, metrics = step(state, {"image": jnp.asarray(images), "label": jnp.asarray(labels)})
+  state = train.create_train_state(jax.random.PRNGKey(0), r.variables, phase)
+  step = jax.jit(functools.partial(train.train_step, model=phase.model, tx=phase.tx, labels=phase.labels,
+                                   loss_fn=losses.get_loss(r.config.train.loss)))
+  new_state, metrics = step(state, {"image": jnp.asarray(r.images), "label": jnp.asarray(r.labels)})
 
   # Keras: the same layers frozen (layer.trainable = False also puts their BatchNorm in inference mode).
-  for backbone in backbones.values():
-    for layer in backbone.layers[:FREEZE_FIRST]:
+  for name, backbone in r.backbones.items():
+    for layer in backbone.layers[:r.head.freeze_first[name]]:
       layer.trainable = False
-  keras_model.compile(optimizer=keras.optimizers.RMSprop(learning_rate=1e-4),
-                      loss=keras.losses.BinaryCrossentropy(from_logits=True))
-  keras_loss = keras_model.train_on_batch(images.astype(np.float32), labels[:, None].astype(np.float32))
+  r.keras_model.compile(optimizer=keras.optimizers.RMSprop(learning_rate=1e-4), loss=r.head.keras_loss())
+  keras_loss = r.keras_model.train_on_batch(r.images.astype(np.float32), r.head.keras_labels(r.labels))
   assert float(metrics["loss"]) == pytest.approx(float(keras_loss), rel=1e-4)
 
-  updated = flax_variables_from_keras(model, keras_model, backbones)
-  flat_new = traverse_util.flatten_dict({"params": new_state.params, "batch_stats": new_state.batch_stats})
-  flat_old = traverse_util.flatten_dict(variables)
+  updated = flax_variables_from_keras(r.model, r.keras_model, r.backbones)
+  ours_after = {"params": new_state.params, "batch_stats": new_state.batch_stats}
+  trees.assert_same_structure(ours_after, updated)
+  flat_new = traverse_util.flatten_dict(ours_after)
+  flat_old = traverse_util.flatten_dict(r.variables)
   flat_keras = traverse_util.flatten_dict(updated)
-  flat_labels = traverse_util.flatten_dict(labels_tree)
-  moved = 0
+  flat_labels = traverse_util.flatten_dict(phase.labels)
+  moved = {"params": 0, "batch_stats": 0}
   for path, theirs in flat_keras.items():
     ours, before = np.asarray(flat_new[path]), np.asarray(flat_old[path])
     np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-6, err_msg="/".join(path))
     if path[0] == "params" and flat_labels[path[1:]] == optim.FROZEN:
       assert np.array_equal(ours, before), "/".join(path)
+    if path[0] == "batch_stats" and path[2] in frozen_bn[path[1]]:
+      assert np.array_equal(ours, before), "/".join(path)  # a frozen BatchNorm keeps its statistics
     delta_theirs = np.asarray(theirs) - before
     if np.abs(delta_theirs).max() > 1e-6:
-      moved += 1
+      moved[path[0]] += 1
       # The step itself (not only its endpoint) agrees.
       assert _rel(ours - before, delta_theirs) < 2e-3, "/".join(path)
-  assert moved > 20
+  # Both the trained parameters and the trained BatchNorms' statistics moved.
+  assert moved["params"] > 10 and moved["batch_stats"] > 4, moved

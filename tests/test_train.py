@@ -177,6 +177,7 @@ def _run_killed(root, workdir, *, first_step: int, kill_at: int, committed: int)
   return proc.stdout + proc.stderr
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_and_resume_equals_uninterrupted_run(tmp_path, capsys):
   data_root = demo_configs.tiny_collection(tmp_path / "data")
   config = resume_config(data_root)
