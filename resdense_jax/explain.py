@@ -9,6 +9,8 @@ writes into --out:
                             with its activation map laid over it
   montage.png               every slice of the scan with its map and its P(COVID); red frames: above threshold
   slice_probabilities.png   P(COVID) of each slice along the body axis, with the scan score and threshold
+  maps.npz                  the numbers behind the figures: `maps` (float32 [n, h, w], each slice's map at the
+                            slice's resolution), `slice_probs`, `p_covid`, `threshold`, `method`, `layer`
 
 The default map is the CAM of the fused feature map (resdense_jax/cam.py): the head's COVID weights projected
 onto the added ResNet + DenseNet features before pooling, i.e. each location's contribution to the COVID logit.
@@ -20,6 +22,7 @@ import dataclasses
 import os
 import pathlib
 import sys
+import tempfile
 from typing import Sequence
 
 import numpy as np
@@ -198,14 +201,33 @@ def plot_slice_probabilities(explanation: ScanExplanation, path, *, top: Sequenc
   return save_figure(fig, path)
 
 
+def save_maps(explanation: ScanExplanation, path) -> pathlib.Path:
+  """The maps and probabilities behind the figures as an .npz, written beside `path` and renamed over it."""
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".npz")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      np.savez(f, maps=np.asarray(explanation.maps, np.float32),
+               slice_probs=np.asarray(explanation.slice_probs, np.float32), p_covid=explanation.p_covid,
+               threshold=explanation.threshold, method=explanation.method, layer=explanation.layer or "")
+    os.replace(tmp, path)
+  except BaseException:
+    pathlib.Path(tmp).unlink(missing_ok=True)
+    raise
+  return path
+
+
 def write_explanation(explanation: ScanExplanation, out_dir, *, top_k: int = 4) -> dict[str, list[pathlib.Path]]:
-  """All figures of one scan into `out_dir`; returns {"top_slices": [...], "montage": [...], "plot": [...]}."""
+  """All figures of one scan, and maps.npz, into `out_dir`; returns {"top_slices": [...], "montage": [...],
+  "plot": [...], "maps": [...]}."""
   out = pathlib.Path(out_dir)
   top = [int(i) for i in explanation.top_slices(top_k)]
   paths = {"top_slices": [plot_top_slice(explanation, i, rank, out / f"top_{rank}_slice_{i}.png")
                           for rank, i in enumerate(top, 1)]}
   paths["montage"] = [plot_montage(explanation, out / "montage.png")]
   paths["plot"] = [plot_slice_probabilities(explanation, out / "slice_probabilities.png", top=top)]
+  paths["maps"] = [save_maps(explanation, out / "maps.npz")]
   return paths
 
 

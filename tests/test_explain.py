@@ -8,9 +8,11 @@ import optax
 import pytest
 from PIL import Image
 
-from resdense_jax import cam, data, explain, predict
+from resdense_jax import cam, data, explain
 from resdense_jax.models.resdense import ResDenseNet
-from test_predict_fixtures import IMAGE_SIZE, predictor, workdir  # noqa: F401  (fixtures)
+from test_predict_fixtures import FEATURE_STRIDE, IMAGE_SIZE, predictor, workdir  # noqa: F401  (fixtures)
+
+FEATURES = IMAGE_SIZE // FEATURE_STRIDE  # side of the shared run's fused feature map
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +25,7 @@ def test_cam_decomposes_the_logit(predictor, covid_scan):
   images = predictor.model_inputs(covid_scan.slices)
   out = cam.compiled(cam.class_activation_maps, predictor.model)(predictor.variables, images)
   n = len(images)
-  assert out["cam"].shape == (n, IMAGE_SIZE // 8, IMAGE_SIZE // 8)  # the fused map of two-stage backbones
+  assert out["cam"].shape == (n, FEATURES, FEATURES)  # the fused map of one-stage backbones
   # Average pooling + Dense: the logit is exactly the map's spatial mean plus the head's bias.
   np.testing.assert_allclose(out["cam"].mean(axis=(1, 2)) + out["bias"], out["logit"], rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(out["prob"], predictor.slice_probabilities(covid_scan.slices), atol=1e-6)
@@ -34,10 +36,10 @@ def test_cam_decomposes_the_logit(predictor, covid_scan):
 def test_grad_cam_shapes_and_errors(predictor, covid_scan):
   images = predictor.model_inputs(covid_scan.slices[:3])
   names = cam.layer_names(predictor.model, predictor.variables)
-  assert "resnet50" in names and "densenet121" in names and "resnet50/conv2_block1_3_conv" in names
+  assert "resnet50" in names and "densenet121" in names and "resnet50/conv1_conv" in names
   # ("densenet121", the other backbone's output, is in test_explain_scan_gradcam_matches_prediction.)
-  for layer, size in [("resnet50", IMAGE_SIZE // 8), ("resnet50/conv2_block1_3_conv", IMAGE_SIZE // 4),
-                      ("densenet121_fusion_conv", IMAGE_SIZE // 8)]:
+  for layer, size in [("resnet50", FEATURES), ("resnet50/conv1_conv", IMAGE_SIZE // 2),
+                      ("densenet121_fusion_conv", FEATURES)]:
     out = cam.compiled(cam.grad_cam, predictor.model, layer=layer)(predictor.variables, images)
     assert out["cam"].shape == (3, size, size), layer
     assert float(out["cam"].min()) >= 0.0
@@ -136,10 +138,10 @@ def test_cam_mass_lies_inside_the_planted_opacities(trained_on_opacities):
   slices, masks, index, covid = _synthetic_slices(5000, 8)  # unseen scans, 12 slices each
   images = np.repeat(slices[..., None], 3, axis=-1)
   cam_out = cam.compiled(cam.class_activation_maps, model)(variables, images)
-  grad_out = cam.compiled(cam.grad_cam, model, layer="resnet50")(variables, images)
   lesion = masks.reshape(len(masks), -1).any(axis=1)
   probs = np.asarray(cam_out["prob"])
-  # It learned something: slices with opacities score well above the slices of non-COVID scans.
+  # It learned something: slices with opacities score well above the slices of non-COVID scans
+  # (measured over training seeds 0-3: 0.69-0.86 against 0.08-0.25).
   assert probs[lesion].mean() > probs[~covid[index]].mean() + 0.3, (probs[lesion].mean(),
                                                                     probs[~covid[index]].mean())
   mask = masks[lesion]
@@ -147,17 +149,23 @@ def test_cam_mass_lies_inside_the_planted_opacities(trained_on_opacities):
   region = _body_masks(slices[lesion])
   assert (mask <= region).all()
   cam_maps = np.asarray(cam.upsample(cam_out["cam"][lesion], (SIZE, SIZE)))
-  grad_maps = np.asarray(cam.upsample(grad_out["cam"][lesion], (SIZE, SIZE)))
   cam_body = cam.inside_outside_ratio(cam_maps[region], mask[region])
-  cam_image = cam.inside_outside_ratio(cam_maps, mask)
+  grad_out = cam.compiled(cam.grad_cam, model, layer="densenet121")(variables, images)
+  grad_maps = np.asarray(cam.upsample(grad_out["cam"][lesion], (SIZE, SIZE)))
   grad_body = cam.inside_outside_ratio(grad_maps[region], mask[region])
   print(f"\nover {lesion.sum()} held-out slices with opacities ({mask.mean():.3f} of the image, "
-        f"{mask[region].mean():.3f} of the body): mean positive map inside / outside the opacities: "
-        f"CAM {cam_body:.2f} within the body, {cam_image:.2f} over the whole image; "
-        f"Grad-CAM(resnet50) {grad_body:.2f} within the body")
-  assert cam_body > 1.0
-  # Signed: opacities push towards COVID, the rest of the body away from it.
-  assert cam_maps[mask].mean() > 0 > cam_maps[region & ~mask].mean()
+        f"{mask[region].mean():.3f} of the body): mean positive map inside / outside the opacities within the "
+        f"body: CAM {cam_body:.2f}, Grad-CAM(densenet121) {grad_body:.2f}")
+  # Measured over training seeds 0-3 (init key, batch order): CAM 2.72-3.72; a map that ignored the
+  # opacities would sit near 1. The bound keeps a third of the smallest measured figure as margin.
+  assert cam_body > 1.8
+  # Signed: the opacities push towards COVID far more than the rest of the body does (measured 7-46 times
+  # the body's mean contribution, which itself may be slightly positive).
+  assert cam_maps[mask].mean() > max(0.0, 3.0 * cam_maps[region & ~mask].mean())
+  # Grad-CAM at the DenseNet branch's output localises like CAM (measured 2.60-3.71, same margin). Not
+  # asserted at the ResNet branch's output, which does not localise in this small model (measured 0.0-0.96,
+  # an all-zero map on seed 2: the evidence runs through the DenseNet branch).
+  assert grad_body > 1.8
 
 
 # ------------------------------------------------------------------------------------------------------ CLI
@@ -169,19 +177,35 @@ def _decodes(path):
     return image.size
 
 
-def test_explain_cli_writes_decodable_figures(workdir, covid_scan, tmp_path, capsys):
+def test_explain_cli_writes_the_cam_of_the_scan(workdir, predictor, covid_scan, tmp_path, capsys):
+  """The default path (CAM): decodable figures, and maps.npz holding cam.class_activation_maps of the slices."""
   out = tmp_path / "explained"
   rc = explain.main(["explain", f"--checkpoint={workdir}", f"--scan={covid_scan.path}", f"--out={out}",
                      "--top_k=2"])
   assert rc == 0
   printed = capsys.readouterr().out
   files = sorted(p.name for p in out.iterdir())
-  assert "montage.png" in files and "slice_probabilities.png" in files
-  tops = [f for f in files if f.startswith("top_")]
-  assert len(tops) == 2 and all(f"wrote {out / f}" in printed for f in files)
-  for name in files:
+  assert all(f"wrote {out / f}" in printed for f in files)
+  figures = [f for f in files if f.endswith(".png")]
+  assert sorted(set(files) - set(figures)) == ["maps.npz"]
+  for name in figures:
     width, height = _decodes(out / name)
     assert width > 200 and height > 150, name
+
+  # What the CLI computed, against the CAM of the same slices under the best checkpoint, computed here.
+  slices = covid_scan.slices
+  want = cam.compiled(cam.class_activation_maps, predictor.model)(predictor.variables,
+                                                                  predictor.model_inputs(slices))
+  want_maps = np.asarray(cam.upsample(want["cam"], slices.shape[1:]))  # to the slices' own resolution
+  saved = np.load(out / "maps.npz")
+  assert str(saved["method"]) == "cam" and float(saved["threshold"]) == predictor.threshold
+  assert saved["maps"].shape == slices.shape
+  np.testing.assert_allclose(saved["maps"], want_maps, rtol=1e-5, atol=1e-5 * np.abs(want_maps).max())
+  np.testing.assert_allclose(saved["slice_probs"], want["prob"], atol=1e-6)
+  assert float(saved["p_covid"]) == pytest.approx(predictor.scan_score(np.asarray(want["prob"])), abs=1e-6)
+  # The figures of the top slices are those of the highest P(COVID).
+  top = np.argsort(-np.asarray(want["prob"]), kind="stable")[:2]
+  assert [f for f in figures if f.startswith("top_")] == [f"top_{r}_slice_{i}.png" for r, i in enumerate(top, 1)]
   assert explain.main(["explain", f"--checkpoint={workdir}", f"--scan={tmp_path / 'none'}", f"--out={out}"]) == 1
 
 
@@ -193,4 +217,7 @@ def test_explain_scan_gradcam_matches_prediction(predictor, covid_scan, tmp_path
   assert explanation.maps.shape == covid_scan.slices.shape and explanation.maps.min() >= 0
   assert list(explanation.top_slices(2)) == list(np.argsort(-slice_probs, kind="stable")[:2])
   paths = explain.write_explanation(explanation, tmp_path, top_k=1)
-  assert all(_decodes(p) for group in paths.values() for p in group)
+  assert all(_decodes(p) for name, group in paths.items() if name != "maps" for p in group)
+  saved = np.load(paths["maps"][0])
+  assert str(saved["method"]) == "gradcam" and str(saved["layer"]) == "densenet121"
+  np.testing.assert_array_equal(saved["maps"], explanation.maps)

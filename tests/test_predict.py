@@ -8,8 +8,10 @@ import sys
 import numpy as np
 import pytest
 
-from resdense_jax import data, evaluate, metrics, predict, train
-from test_predict_fixtures import REPO, SHARED_DATA, predictor, workdir  # noqa: F401  (fixtures)
+import trees
+from resdense_jax import checkpoints, data, evaluate, metrics, predict, train
+from test_predict_fixtures import (REPO, SHARED_DATA, THRESHOLD, checkpoint_steps, demo_config,  # noqa: F401
+                                   predictor, validation_scans, validation_scores, workdir)  # (fixtures)
 
 
 @pytest.fixture(scope="module")
@@ -50,25 +52,67 @@ def test_predict_scan_equals_eval_step(predictor, collection, middle_fraction):
     assert len(slices["prob"]) < sum(len(s) for _, s in got)
 
 
-def test_aggregation_and_threshold_overrides(predictor, collection):
-  vote = predict.Predictor(predictor.model, predictor.variables, predictor.config, aggregation="vote",
-                           threshold=0.3)
+def _covid_ids(scores: dict, threshold: float) -> set:
+  return {scan_id for scan_id, p in scores.items() if p > threshold}
+
+
+def _other_threshold(scores: dict) -> float:
+  """A threshold other than 0.5 that labels the scans differently, both classes still predicted: halfway
+  between the two neighbouring scores with the widest gap (so no score sits near it)."""
+  ranked = sorted(scores.values(), reverse=True)
+  default_count = len(_covid_ids(scores, THRESHOLD))
+  gap, count = max((ranked[c - 1] - ranked[c], c) for c in range(1, len(ranked)) if c != default_count)
+  assert gap > 1e-3, f"no clear gap between the validation scores {ranked}"
+  threshold = (ranked[count - 1] + ranked[count]) / 2
+  assert 0 < len(_covid_ids(scores, threshold)) < len(scores)
+  assert _covid_ids(scores, threshold) != _covid_ids(scores, THRESHOLD)
+  return threshold
+
+
+def test_threshold_decides_the_predictor_labels(predictor, validation_scans, validation_scores):
+  other = _other_threshold(validation_scores)
+  at_other = predict.Predictor(predictor.model, predictor.variables, predictor.config, threshold=other)
+  for p, threshold in [(predictor, THRESHOLD), (at_other, other)]:
+    assert p.threshold == threshold
+    results = {ref.scan_id: p.predict(ref) for ref in validation_scans}
+    assert {i for i, r in results.items() if r.label == 1} == _covid_ids(validation_scores, threshold), threshold
+    assert {i: r.p_covid for i, r in results.items()} == pytest.approx(validation_scores, abs=1e-6)
+    assert all(r.true_label == ref.label for ref, r in zip(validation_scans, results.values()))
+
+
+def test_vote_aggregation(predictor, collection):
+  vote = predict.Predictor(predictor.model, predictor.variables, predictor.config, aggregation="vote")
   result = vote.predict(collection.validation[0])
-  assert result.p_covid == pytest.approx(np.mean(result.slice_probs > 0.5))
-  assert result.label == int(result.p_covid > 0.3)
-  assert result.true_label == collection.validation[0].label
+  _, slice_probs = predictor.predict_scan(collection.validation[0].path)
+  assert result.p_covid == pytest.approx(np.mean(slice_probs > 0.5))
   with pytest.raises(ValueError, match="aggregation"):
     predict.Predictor(predictor.model, predictor.variables, predictor.config, aggregation="median")
 
 
+def test_the_best_checkpoint_is_loaded_not_the_latest(workdir, predictor):
+  best, latest = checkpoint_steps(workdir)
+  assert best != latest
+  _, best_variables, _ = checkpoints.load_for_inference(workdir / "checkpoints" / str(best))
+  _, latest_variables, _ = checkpoints.load_for_inference(workdir / "checkpoints" / str(latest))
+  trees.assert_trees_equal(predictor.variables, best_variables)  # Predictor.from_checkpoint(workdir)
+  _, from_folder, _ = checkpoints.load_for_inference(workdir / "checkpoints")
+  trees.assert_trees_equal(from_folder, best_variables)
+  # ... and the two steps differ, so the checks above could tell the latest from the best.
+  trees.assert_same_structure(latest_variables, best_variables)
+  with pytest.raises(AssertionError):
+    trees.assert_trees_equal(latest_variables, best_variables)
+
+
 def test_find_scans_every_layout(workdir, tmp_path):
   root = workdir / "synthetic_ct"
+  counts = demo_config().data.synthetic_scans  # {split: (COVID, non-COVID) or unlabelled count}
   everything = predict.find_scans(root)  # COV19-CT-DB root: all splits
-  assert len(everything) == 10 + 4 + 2
+  assert len(everything) == sum(counts["train"]) + sum(counts["validation"]) + counts["test"]
   assert {r.split for r in everything} == {"train", "validation", "test"}
-  assert sum(r.label == 1 for r in everything) == 7 and sum(r.label is None for r in everything) == 2
+  assert sum(r.label == 1 for r in everything) == counts["train"][0] + counts["validation"][0]
+  assert sum(r.label is None for r in everything) == counts["test"]
   split = predict.find_scans(root / "validation")  # a split with class folders
-  assert sorted(r.label for r in split) == [0, 0, 1, 1]
+  assert sorted(r.label for r in split) == sorted([1] * counts["validation"][0] + [0] * counts["validation"][1])
   test_split = predict.find_scans(root / "test")  # an unlabelled split: a folder of scans
   assert [r.label for r in test_split] == [None, None] and len(test_split) == 2
   one = predict.find_scans(test_split[0].path)  # one image-folder scan
@@ -128,7 +172,31 @@ def test_cli_every_input_form_and_formats(workdir, predictor, tmp_path, capsys):
   covid = [r[0] for r in _read_csv(submission / "covid.csv")]
   noncovid = [r[0] for r in _read_csv(submission / "non-covid.csv")]
   assert sorted(covid + noncovid) == sorted(by_id)
-  assert covid == [i for i in by_id if by_id[i][4] == "1"]
+  assert covid == [i for i in by_id if by_id[i][4] == "1"]  # (one scan in three forms: one list is empty)
+
+
+def test_cli_threshold_labels_and_submission(workdir, validation_scores, tmp_path, capsys):
+  """--threshold decides the CSV labels and the submission lists; both lists hold scans at either threshold."""
+  other = _other_threshold(validation_scores)
+  split = workdir / "synthetic_ct" / "validation"
+  order = [ref.scan_id for ref in predict.find_scans(split)]  # the CLI's (and the submission's) order
+  assert sorted(order) == sorted(validation_scores)
+  for name, threshold, flags in [("default", THRESHOLD, []), ("other", other, [f"--threshold={other!r}"])]:
+    out, submission = tmp_path / f"{name}.csv", tmp_path / f"{name}_submission"
+    rc = predict.main(["predict", f"--checkpoint={workdir}", f"--input={split}",
+                       f"--out={out}", f"--submission={submission}", "--noprogress", *flags])
+    assert rc == 0, capsys.readouterr().err
+    assert f"> {threshold:g})" in capsys.readouterr().err  # the summary names the threshold used
+    rows = {r[0]: r for r in _read_csv(out)[1:]}
+    assert {i: float(r[3]) for i, r in rows.items()} == pytest.approx(validation_scores, abs=1e-6)
+    want_covid = _covid_ids(validation_scores, threshold)
+    assert {i for i, r in rows.items() if r[4] == "1"} == want_covid, name
+    assert {i for i, r in rows.items() if r[4] == "0"} == set(order) - want_covid, name
+    covid = [r[0] for r in _read_csv(submission / "covid.csv")]
+    noncovid = [r[0] for r in _read_csv(submission / "non-covid.csv")]
+    assert covid and noncovid, name
+    assert covid == [i for i in order if i in want_covid], name  # input order, one id per line
+    assert noncovid == [i for i in order if i not in want_covid], name
 
 
 def test_nothing_readable_exits_nonzero(workdir, tmp_path, capsys):
@@ -148,7 +216,8 @@ def test_duplicate_ids_refused_in_submission(tmp_path):
     predict.write_submission([p, p], tmp_path / "sub")
 
 
-def test_real_series_through_the_command_line(workdir, tmp_path):
+@pytest.mark.filterwarnings("ignore:.*stray file among scans")  # ../shared/data/README.md
+def test_real_series_through_the_command_line(workdir, predictor, tmp_path):
   """python -m resdense_jax.predict on ../shared/data: the real DICOM series and NIfTI volume."""
   if not SHARED_DATA.is_dir():
     pytest.skip(f"real CT data not present at {SHARED_DATA}")
@@ -160,5 +229,12 @@ def test_real_series_through_the_command_line(workdir, tmp_path):
   rows = {r[0]: r for r in _read_csv(out)[1:]}
   assert int(rows["chest_ct_dicom"][2]) == 64
   assert int(rows["chest_ct_nifti"][2]) == 191  # 233 x 167 x 191, L-P-S: 191 axial slices
-  for row in rows.values():
-    assert 0.0 <= float(row[3]) <= 1.0
+  refs = predict.find_scans(SHARED_DATA)
+  assert sorted(rows) == sorted(ref.scan_id for ref in refs) == ["chest_ct_dicom", "chest_ct_nifti"]
+  for ref in refs:  # the command line computes what the library computes in this process
+    p_covid, slice_probs = predictor.predict_scan(ref.path)
+    row = rows[ref.scan_id]
+    assert row[1] == str(ref.path)
+    assert int(row[2]) == len(slice_probs)
+    assert float(row[3]) == pytest.approx(p_covid, abs=1e-6), ref.scan_id
+    assert int(row[4]) == int(p_covid > predictor.threshold)
