@@ -22,6 +22,7 @@ from typing import Any
 import grain.checkpoint as grain_checkpoint
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
@@ -119,8 +120,12 @@ def load_for_inference(checkpoint_dir: str | os.PathLike):
   config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
   checkpointer = ocp.PyTreeCheckpointer()
   try:
-    tree = checkpointer.restore(step_dir / "state")
+    # Restored as host numpy arrays: the saved shardings name the devices of the training run (two devices,
+    # two processes), which this process may not have.
+    metadata = checkpointer.metadata(step_dir / "state").item_metadata.tree
+    as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata)
+    tree = checkpointer.restore(step_dir / "state", args=ocp.args.PyTreeRestore(restore_args=as_numpy))
   finally:
     checkpointer.close()
-  variables = {"params": tree["params"], "batch_stats": tree["batch_stats"]}
+  variables = jax.device_put({"params": tree["params"], "batch_stats": tree["batch_stats"]})
   return train.create_model(config.model), variables, config

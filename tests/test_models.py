@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import trees
 from resdense_jax import models
 
 keras = pytest.importorskip("keras")
@@ -78,12 +79,44 @@ def test_small_variants_match_keras_small_models():
   assert model.num_features == reference.output.shape[-1]
 
 
-def test_bfloat16_compute_keeps_float32_params():
-  model = models.ResNet(stage_sizes=(1, 1), filters=(4, 8), stem_filters=4, pooling="avg", dtype=jnp.bfloat16)
-  x = jnp.ones((1, 32, 32, 3))
-  variables = model.init(jax.random.PRNGKey(0), x, train=False)
+# A few blocks of each backbone family: enough depth for bfloat16 rounding to compound.
+SMALL_BACKBONES = {
+    "resnet": lambda **kw: models.ResNet(stage_sizes=(1, 1, 1), filters=(4, 8, 8), stem_filters=8, **kw),
+    "densenet": lambda **kw: models.DenseNet(blocks=(1, 2, 1), growth_rate=4, **kw),
+}
+
+
+@pytest.mark.parametrize("family", list(SMALL_BACKBONES))
+def test_bfloat16_compute_follows_float32(family):
+  f32 = SMALL_BACKBONES[family](pooling="avg")
+  bf16 = SMALL_BACKBONES[family](pooling="avg", dtype=jnp.bfloat16)
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 32, 32, 3))
+  # bfloat16 compute keeps float32 parameters: both models have the very same variables. (An RBG key: its
+  # init program compiles faster on CPU.)
+  variables = jax.jit(lambda x: f32.init(jax.random.key(0, impl="rbg"), x, train=False))(x)
+  shapes = jax.eval_shape(lambda x: bf16.init(jax.random.PRNGKey(0), x, train=False), x)
+  trees.assert_same_structure(jax.tree.map(lambda s: np.broadcast_to(np.zeros((), s.dtype), s.shape), shapes),
+                              variables)
   assert {leaf.dtype for leaf in jax.tree.leaves(variables)} == {jnp.dtype(jnp.float32)}
-  assert model.apply(variables, x, train=False).dtype == jnp.bfloat16
+  apply = lambda model: jax.jit(lambda v, x: model.apply(v, x, train=False, capture_intermediates=True))
+  expected, f32_intermediates = apply(f32)(variables, x)
+  actual, bf16_intermediates = apply(bf16)(variables, x)
+  # Every conv, BatchNorm (and the output) computes in bfloat16, not in float32 with a cast at the end.
+  computed = jax.tree_util.tree_flatten_with_path(bf16_intermediates)[0]
+  assert len(computed) == len(jax.tree.leaves(f32_intermediates)) > 10
+  not_bfloat16 = {jax.tree_util.keystr(path): str(leaf.dtype) for path, leaf in computed
+                  if leaf.dtype != jnp.bfloat16}
+  assert not not_bfloat16, not_bfloat16
+  assert actual.dtype == jnp.bfloat16 and expected.dtype == jnp.float32
+  actual, expected = np.asarray(actual, np.float32), np.asarray(expected, np.float32)
+  # A float32 computation rounded once at the end would give exactly this; bfloat16 all the way does not.
+  assert not np.array_equal(actual, np.asarray(expected.astype(jnp.bfloat16), np.float32)), \
+      "the bfloat16 output is the float32 output rounded once: computed in float32"
+  # Values: bfloat16 keeps 8 significant bits (rounding up to 2^-8 relative per op); through a few blocks the
+  # output stays within 2e-2 of float32, relative to its largest value.
+  assert np.std(expected) > 1e-2  # a real, non-vanishing output
+  relative = np.max(np.abs(actual - expected)) / np.max(np.abs(expected))
+  assert relative <= 2e-2, relative
 
 
 def test_frozen_batchnorm_keeps_statistics_in_training():

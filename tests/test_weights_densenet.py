@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import keras_fixtures as kf
+import trees
 from resdense_jax import models, weights
 
 TOLERANCE = 1e-4
@@ -34,6 +35,31 @@ def ref(tmp_path_factory):
 
 def flax_model(arch, include_top=False, pooling=None, **kwargs):
   return models.BACKBONES[arch](include_top=include_top, pooling=pooling, **kwargs)
+
+
+# Keras variable name -> (Flax collection, Flax name); BatchNormalization's beta is Flax's bias.
+FLAX_NAMES = {"kernel": ("params", "kernel"), "bias": ("params", "bias"), "gamma": ("params", "scale"),
+              "beta": ("params", "bias"), "moving_mean": ("batch_stats", "mean"),
+              "moving_variance": ("batch_stats", "var")}
+
+
+def keras_variables(keras_model, model) -> dict:
+  """The Keras model's own weights as the Flax model's {"params", "batch_stats"}, found without the loader.
+
+  Checked to be the Flax model's full variable tree (every variable, shape and dtype), so a comparison with it
+  fails on a loader that leaves anything out.
+  """
+  variables = {"params": {}, "batch_stats": {}}
+  for layer in keras_model.layers:
+    for weight in layer.weights:
+      collection, name = FLAX_NAMES[weight.name]
+      variables[collection].setdefault(layer.name, {})[name] = np.asarray(weight.value)
+  # The model's variables from jax.eval_shape(model.init) (cached; the loader traced it already), as
+  # zero-strided arrays of their shapes and dtypes: nothing allocated.
+  shapes = weights.abstract_variables(model)
+  trees.assert_same_structure(variables, jax.tree.map(lambda s: np.broadcast_to(np.zeros((), s.dtype), s.shape),
+                                                      shapes))
+  return variables
 
 
 @pytest.mark.parametrize("arch,include_top,pooling,hw,layout", PARITY, ids=kf.case_id)
@@ -62,11 +88,11 @@ def test_keras_layers_and_parameter_count(ref, include_top):
   model = flax_model("densenet121", include_top)
   assert [layer.name for layer in model.keras_layers()] == [layer.name for layer in keras_model.layers]
   files = ref.files("densenet121", include_top, ODD)
-  variables = weights.load_keras(model, files["legacy"])
-  assert sum(leaf.size for leaf in jax.tree.leaves(variables)) == keras_model.count_params()
-  for layout in ("keras3", "tf_keras"):
-    for a, b in zip(jax.tree.leaves(weights.load_keras(model, files[layout])), jax.tree.leaves(variables)):
-      np.testing.assert_array_equal(a, b)
+  expected = keras_variables(keras_model, model)
+  assert sum(leaf.size for leaf in jax.tree.leaves(expected)) == keras_model.count_params()
+  # Every layout yields the Keras model's very weights, each in its place, nothing left out.
+  for layout in kf.KerasReference.LAYOUTS:
+    trees.assert_trees_equal(weights.load_keras(model, files[layout]), expected)
 
 
 @pytest.mark.parametrize("layout", ["legacy", "keras3", "tf_keras"])
@@ -101,8 +127,6 @@ def test_keras3_file_without_layer_names(ref, tmp_path):
       if "vars" in group and "name" in group["vars"].attrs:
         del group["vars"].attrs["name"]
   model = flax_model("densenet121")
-  expected = weights.load_keras(model, ref.files("densenet121")["legacy"])
-  for a, b in zip(jax.tree.leaves(weights.load_keras(model, path)), jax.tree.leaves(expected)):
-    np.testing.assert_array_equal(a, b)
+  trees.assert_trees_equal(weights.load_keras(model, path), keras_variables(ref.model("densenet121"), model))
   with pytest.raises(weights.WeightsError, match="holds densenet121 weights, the model is resnet50"):
     weights.load_keras(flax_model("resnet50"), path)

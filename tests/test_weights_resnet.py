@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import keras_fixtures as kf
+import trees
 from resdense_jax import models, weights
 from resdense_jax.weights import __main__ as cli
 
@@ -47,6 +48,31 @@ def flax_model(arch, include_top=False, pooling=None, **kwargs):
   return models.BACKBONES[arch](include_top=include_top, pooling=pooling, **kwargs)
 
 
+# Keras variable name -> (Flax collection, Flax name); BatchNormalization's beta is Flax's bias.
+FLAX_NAMES = {"kernel": ("params", "kernel"), "bias": ("params", "bias"), "gamma": ("params", "scale"),
+              "beta": ("params", "bias"), "moving_mean": ("batch_stats", "mean"),
+              "moving_variance": ("batch_stats", "var")}
+
+
+def keras_variables(keras_model, model) -> dict:
+  """The Keras model's own weights as the Flax model's {"params", "batch_stats"}, found without the loader.
+
+  Checked to be the Flax model's full variable tree (every variable, shape and dtype), so a comparison with it
+  fails on a loader that leaves anything out.
+  """
+  variables = {"params": {}, "batch_stats": {}}
+  for layer in keras_model.layers:
+    for weight in layer.weights:
+      collection, name = FLAX_NAMES[weight.name]
+      variables[collection].setdefault(layer.name, {})[name] = np.asarray(weight.value)
+  # The model's variables from jax.eval_shape(model.init) (cached; the loader traced it already), as
+  # zero-strided arrays of their shapes and dtypes: nothing allocated.
+  shapes = weights.abstract_variables(model)
+  trees.assert_same_structure(variables, jax.tree.map(lambda s: np.broadcast_to(np.zeros((), s.dtype), s.shape),
+                                                      shapes))
+  return variables
+
+
 def test_parity_cover_every_combination():
   assert {c[2] for c in PARITY} == {None, "avg", "max"} and {c[1] for c in PARITY} == {True, False}
   for arch in ("resnet50", "resnet101"):
@@ -73,16 +99,11 @@ def test_keras_layers_parameter_count_and_layouts(ref, arch, include_top):
   model = flax_model(arch, include_top)
   assert [layer.name for layer in model.keras_layers()] == [layer.name for layer in keras_model.layers]
   files = ref.files(arch, include_top, ODD)
-  variables = weights.load_keras(model, files["legacy"])
-  assert set(variables) == {"params", "batch_stats"}
-  assert all(leaf.dtype == np.float32 for leaf in jax.tree.leaves(variables))
-  assert sum(leaf.size for leaf in jax.tree.leaves(variables)) == keras_model.count_params()
-  # Every layout yields the very same variables.
-  for layout in ("keras3", "tf_keras"):
-    other = weights.load_keras(model, files[layout])
-    assert jax.tree.structure(other) == jax.tree.structure(variables)
-    for a, b in zip(jax.tree.leaves(other), jax.tree.leaves(variables)):
-      np.testing.assert_array_equal(a, b)
+  expected = keras_variables(keras_model, model)
+  assert sum(leaf.size for leaf in jax.tree.leaves(expected)) == keras_model.count_params()
+  # Every layout yields the Keras model's very weights, each in its place, nothing left out.
+  for layout in kf.KerasReference.LAYOUTS:
+    trees.assert_trees_equal(weights.load_keras(model, files[layout]), expected)
 
 
 # ---- errors: each names the file and the problem ----
@@ -209,9 +230,7 @@ def test_legacy_names_unknown_to_the_model_load_by_order(ref, tmp_path):
       group.attrs["weight_names"] = np.array([r.encode() for r in renamed], dtype="S")
     _set_layer_names(fout, names)
   model = flax_model("resnet50")
-  expected = weights.load_keras(model, source)
-  for a, b in zip(jax.tree.leaves(weights.load_keras(model, path)), jax.tree.leaves(expected)):
-    np.testing.assert_array_equal(a, b)
+  trees.assert_trees_equal(weights.load_keras(model, path), keras_variables(ref.model("resnet50"), model))
 
 
 # ---- by name through the registry, downloaded from a local server; the converter ----
@@ -229,10 +248,9 @@ def test_load_by_published_name_downloads(ref, tmp_path, monkeypatch):
     variables = weights.load_keras(model, name)  # "imagenet" picks the same file for this model
   assert (tmp_path / "keras_home" / "models" / name).is_file()
   again = weights.load_keras(model, "imagenet", download=False)  # now from the cache, no server
-  expected = weights.load_keras(model, ref.files("resnet50")["legacy"])
-  for a, b, c in zip(jax.tree.leaves(variables), jax.tree.leaves(again), jax.tree.leaves(expected)):
-    np.testing.assert_array_equal(a, c)
-    np.testing.assert_array_equal(b, c)
+  expected = keras_variables(ref.model("resnet50"), model)
+  trees.assert_trees_equal(variables, expected)
+  trees.assert_trees_equal(again, expected)
 
 
 def test_convert_cli_and_restore(ref, tmp_path, capsys):
@@ -241,11 +259,9 @@ def test_convert_cli_and_restore(ref, tmp_path, capsys):
   assert cli.main(["convert", f"--keras={source}", "--arch=resnet50", "--include_top", f"--out={out}"]) == 0
   assert "wrote" in capsys.readouterr().out
   model = flax_model("resnet50", True)
-  expected = weights.load_keras(model, source)
+  expected = keras_variables(ref.model("resnet50", True, None, ODD), model)
   for restored in (weights.load_converted(out, model), weights.load_converted(out)):
-    assert jax.tree.structure(restored) == jax.tree.structure(expected)
-    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(expected)):
-      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    trees.assert_trees_equal(restored, expected)
   metadata = weights.read_metadata(out)
   assert metadata["arch"] == "resnet50" and metadata["include_top"] is True
   assert metadata["source_md5"] == weights.md5sum(source)
