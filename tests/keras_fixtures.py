@@ -25,6 +25,9 @@ import numpy as np  # noqa: E402
 from keras.src.backend.jax import random as keras_jax_random  # noqa: E402
 from keras.src.legacy.saving import legacy_h5_format  # noqa: E402
 
+import trees  # noqa: E402
+from resdense_jax import weights  # noqa: E402
+
 KERAS_APPLICATIONS = {
     "resnet50": keras.applications.ResNet50,
     "resnet101": keras.applications.ResNet101,
@@ -222,3 +225,28 @@ def serve_folder(folder: os.PathLike | str):
 def jitted_apply(model):
   """`jit(model.apply)` in inference mode, one per Flax model, so every layout's variables share one compile."""
   return jax.jit(functools.partial(model.apply, train=False))
+
+
+# Keras variable name -> (Flax collection, Flax name); BatchNormalization's beta is Flax's bias.
+FLAX_NAMES = {"kernel": ("params", "kernel"), "bias": ("params", "bias"), "gamma": ("params", "scale"),
+              "beta": ("params", "bias"), "moving_mean": ("batch_stats", "mean"),
+              "moving_variance": ("batch_stats", "var")}
+
+
+def keras_variables(keras_model, model) -> dict:
+  """The Keras model's own weights as the Flax model's {"params", "batch_stats"}, found without the loader.
+
+  Checked to be the Flax model's full variable tree (every variable, shape and dtype), so a comparison with it
+  fails on a loader that leaves anything out.
+  """
+  variables = {"params": {}, "batch_stats": {}}
+  for layer in keras_model.layers:
+    for weight in layer.weights:
+      collection, name = FLAX_NAMES[weight.name]
+      variables[collection].setdefault(layer.name, {})[name] = np.asarray(weight.value)
+  # The model's variables from jax.eval_shape(model.init) (cached; the loader traced it already), as
+  # zero-strided arrays of their shapes and dtypes: nothing allocated.
+  shapes = weights.abstract_variables(model)
+  trees.assert_same_structure(variables, jax.tree.map(lambda s: np.broadcast_to(np.zeros((), s.dtype), s.shape),
+                                                      shapes))
+  return variables

@@ -37,31 +37,6 @@ def flax_model(arch, include_top=False, pooling=None, **kwargs):
   return models.BACKBONES[arch](include_top=include_top, pooling=pooling, **kwargs)
 
 
-# Keras variable name -> (Flax collection, Flax name); BatchNormalization's beta is Flax's bias.
-FLAX_NAMES = {"kernel": ("params", "kernel"), "bias": ("params", "bias"), "gamma": ("params", "scale"),
-              "beta": ("params", "bias"), "moving_mean": ("batch_stats", "mean"),
-              "moving_variance": ("batch_stats", "var")}
-
-
-def keras_variables(keras_model, model) -> dict:
-  """The Keras model's own weights as the Flax model's {"params", "batch_stats"}, found without the loader.
-
-  Checked to be the Flax model's full variable tree (every variable, shape and dtype), so a comparison with it
-  fails on a loader that leaves anything out.
-  """
-  variables = {"params": {}, "batch_stats": {}}
-  for layer in keras_model.layers:
-    for weight in layer.weights:
-      collection, name = FLAX_NAMES[weight.name]
-      variables[collection].setdefault(layer.name, {})[name] = np.asarray(weight.value)
-  # The model's variables from jax.eval_shape(model.init) (cached; the loader traced it already), as
-  # zero-strided arrays of their shapes and dtypes: nothing allocated.
-  shapes = weights.abstract_variables(model)
-  trees.assert_same_structure(variables, jax.tree.map(lambda s: np.broadcast_to(np.zeros((), s.dtype), s.shape),
-                                                      shapes))
-  return variables
-
-
 @pytest.mark.parametrize("arch,include_top,pooling,hw,layout", PARITY, ids=kf.case_id)
 def test_parity_with_keras(ref, arch, include_top, pooling, hw, layout):
   expected = ref.output(arch, include_top, pooling, hw)
@@ -88,7 +63,7 @@ def test_keras_layers_and_parameter_count(ref, include_top):
   model = flax_model("densenet121", include_top)
   assert [layer.name for layer in model.keras_layers()] == [layer.name for layer in keras_model.layers]
   files = ref.files("densenet121", include_top, ODD)
-  expected = keras_variables(keras_model, model)
+  expected = kf.keras_variables(keras_model, model)
   assert sum(leaf.size for leaf in jax.tree.leaves(expected)) == keras_model.count_params()
   # Every layout yields the Keras model's very weights, each in its place, nothing left out.
   for layout in kf.KerasReference.LAYOUTS:
@@ -127,6 +102,6 @@ def test_keras3_file_without_layer_names(ref, tmp_path):
       if "vars" in group and "name" in group["vars"].attrs:
         del group["vars"].attrs["name"]
   model = flax_model("densenet121")
-  trees.assert_trees_equal(weights.load_keras(model, path), keras_variables(ref.model("densenet121"), model))
+  trees.assert_trees_equal(weights.load_keras(model, path), kf.keras_variables(ref.model("densenet121"), model))
   with pytest.raises(weights.WeightsError, match="holds densenet121 weights, the model is resnet50"):
     weights.load_keras(flax_model("resnet50"), path)

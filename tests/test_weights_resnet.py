@@ -48,31 +48,6 @@ def flax_model(arch, include_top=False, pooling=None, **kwargs):
   return models.BACKBONES[arch](include_top=include_top, pooling=pooling, **kwargs)
 
 
-# Keras variable name -> (Flax collection, Flax name); BatchNormalization's beta is Flax's bias.
-FLAX_NAMES = {"kernel": ("params", "kernel"), "bias": ("params", "bias"), "gamma": ("params", "scale"),
-              "beta": ("params", "bias"), "moving_mean": ("batch_stats", "mean"),
-              "moving_variance": ("batch_stats", "var")}
-
-
-def keras_variables(keras_model, model) -> dict:
-  """The Keras model's own weights as the Flax model's {"params", "batch_stats"}, found without the loader.
-
-  Checked to be the Flax model's full variable tree (every variable, shape and dtype), so a comparison with it
-  fails on a loader that leaves anything out.
-  """
-  variables = {"params": {}, "batch_stats": {}}
-  for layer in keras_model.layers:
-    for weight in layer.weights:
-      collection, name = FLAX_NAMES[weight.name]
-      variables[collection].setdefault(layer.name, {})[name] = np.asarray(weight.value)
-  # The model's variables from jax.eval_shape(model.init) (cached; the loader traced it already), as
-  # zero-strided arrays of their shapes and dtypes: nothing allocated.
-  shapes = weights.abstract_variables(model)
-  trees.assert_same_structure(variables, jax.tree.map(lambda s: np.broadcast_to(np.zeros((), s.dtype), s.shape),
-                                                      shapes))
-  return variables
-
-
 def test_parity_cover_every_combination():
   assert {c[2] for c in PARITY} == {None, "avg", "max"} and {c[1] for c in PARITY} == {True, False}
   for arch in ("resnet50", "resnet101"):
@@ -99,7 +74,7 @@ def test_keras_layers_parameter_count_and_layouts(ref, arch, include_top):
   model = flax_model(arch, include_top)
   assert [layer.name for layer in model.keras_layers()] == [layer.name for layer in keras_model.layers]
   files = ref.files(arch, include_top, ODD)
-  expected = keras_variables(keras_model, model)
+  expected = kf.keras_variables(keras_model, model)
   assert sum(leaf.size for leaf in jax.tree.leaves(expected)) == keras_model.count_params()
   # Every layout yields the Keras model's very weights, each in its place, nothing left out.
   for layout in kf.KerasReference.LAYOUTS:
@@ -230,7 +205,7 @@ def test_legacy_names_unknown_to_the_model_load_by_order(ref, tmp_path):
       group.attrs["weight_names"] = np.array([r.encode() for r in renamed], dtype="S")
     _set_layer_names(fout, names)
   model = flax_model("resnet50")
-  trees.assert_trees_equal(weights.load_keras(model, path), keras_variables(ref.model("resnet50"), model))
+  trees.assert_trees_equal(weights.load_keras(model, path), kf.keras_variables(ref.model("resnet50"), model))
 
 
 # ---- by name through the registry, downloaded from a local server; the converter ----
@@ -248,7 +223,7 @@ def test_load_by_published_name_downloads(ref, tmp_path, monkeypatch):
     variables = weights.load_keras(model, name)  # "imagenet" picks the same file for this model
   assert (tmp_path / "keras_home" / "models" / name).is_file()
   again = weights.load_keras(model, "imagenet", download=False)  # now from the cache, no server
-  expected = keras_variables(ref.model("resnet50"), model)
+  expected = kf.keras_variables(ref.model("resnet50"), model)
   trees.assert_trees_equal(variables, expected)
   trees.assert_trees_equal(again, expected)
 
@@ -259,7 +234,7 @@ def test_convert_cli_and_restore(ref, tmp_path, capsys):
   assert cli.main(["convert", f"--keras={source}", "--arch=resnet50", "--include_top", f"--out={out}"]) == 0
   assert "wrote" in capsys.readouterr().out
   model = flax_model("resnet50", True)
-  expected = keras_variables(ref.model("resnet50", True, None, ODD), model)
+  expected = kf.keras_variables(ref.model("resnet50", True, None, ODD), model)
   for restored in (weights.load_converted(out, model), weights.load_converted(out)):
     trees.assert_trees_equal(restored, expected)
   metadata = weights.read_metadata(out)
