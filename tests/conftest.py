@@ -29,3 +29,14 @@ def shared_data() -> pathlib.Path:
   if not SHARED_DATA.is_dir():
     pytest.skip(f"real CT data not present at {SHARED_DATA}")
   return SHARED_DATA
+
+
+def pytest_collection_modifyitems(items):
+  """Files holding `slow` tests first, each group otherwise in the (random) order pytest-randomly chose.
+
+  Under `pytest -n 2 --dist loadfile` the files are handed to the workers in this order: a multi-minute file
+  handed out last would leave the other worker idle while it runs (the suite took 7.4 to 10.8 minutes by the
+  shuffle alone). A stable sort, so that the seed still reproduces the order.
+  """
+  slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+  items.sort(key=lambda item: item.path not in slow_files)

@@ -133,6 +133,7 @@ def trained_on_opacities():
   return model, {"params": params, "batch_stats": batch_stats}
 
 
+@pytest.mark.slow
 def test_cam_mass_lies_inside_the_planted_opacities(trained_on_opacities):
   model, variables = trained_on_opacities
   slices, masks, index, covid = _synthetic_slices(5000, 8)  # unseen scans, 12 slices each

@@ -23,6 +23,8 @@ import pytest
 
 import trees
 
+pytestmark = pytest.mark.slow  # whole training runs in subprocesses
+
 TESTS = pathlib.Path(__file__).resolve().parent
 # A guard against a hung collective, not a timing check: four JAX processes share the cores.
 TIMEOUT_S = 600

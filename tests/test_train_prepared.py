@@ -14,6 +14,7 @@ def _records(workdir):
   return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_train_and_evaluate_from_prepared_data_equals_the_folder_run(tmp_path):
   root = tiny_collection(tmp_path / "ct")
   # PNG: lossless, and the slices are already 32 px, so the prepared copy holds exactly the pixels the folder

@@ -45,6 +45,7 @@ def _keras_backbones() -> dict[str, keras.Model]:
   return built
 
 
+@pytest.mark.slow
 def test_imagenet_weights_are_downloaded_verified_and_loaded_into_each_backbone(tmp_path, monkeypatch):
   config = demo_configs.tiny_config()
   config.model.backbone_kwargs = BACKBONE_KWARGS
