@@ -188,6 +188,12 @@ def _config_dirs(data_dir: Path) -> dict[str, Path]:
   return found
 
 
+def _variant(config_name: str) -> tuple[int, str]:
+  """"256px" -> (256, "jpeg"), "256px_png" -> (256, "png"): the names Cov19CtDbConfig gives its variants."""
+  size, _, encoding = config_name.partition("px")
+  return int(size), encoding.lstrip("_") or "jpeg"
+
+
 class PreparedData:
   """One split of a prepared dataset as a slice source for the grain pipelines.
 
@@ -203,10 +209,8 @@ class PreparedData:
     if not configs:
       raise ScanError(self.data_dir / NAME, "no prepared dataset here (run "
                       "python -m resdense_jax.data.prepare --source=... --out=...)")
-    names = [f"{size}px" + ("" if enc == "jpeg" else f"_{enc}")
-             for size in ([image_size] if image_size is not None else sorted({int(c.split("px")[0]) for c in configs}))
-             for enc in ([encoding] if encoding is not None else ["jpeg", "png"])]
-    fitting = [name for name in names if name in configs]
+    fitting = [name for name in configs if (image_size is None or _variant(name)[0] == image_size)
+               and (encoding is None or _variant(name)[1] == encoding)]
     if len(fitting) != 1:
       wanted = ", ".join(f"{k} {v}" for k, v in (("image_size", image_size), ("encoding", encoding)) if v is not None)
       problem = "no prepared variant" if not fitting else "more than one prepared variant"
