@@ -24,8 +24,14 @@ Per row also:
                 `%peak` divides it by the GFLOP/s of a 2048x2048 matmul compiled by XLA, timed in the same run
                 (float32, and the compute dtype when that is bfloat16); Keras's GFLOP/s uses the project's flops
                 per image (the same layers);
+  XLA temp MB   the compiled step's temporary buffers (activations kept for the backward pass, scratch), from
+                `memory_analysis()`: what `--remat=blocks` (config.train.remat) reduces;
   peak RSS      the host resident-set high-water mark of the process that ran the row (by default one fresh
                 process per row and implementation); `device MB` the backend's peak_bytes_in_use (None on CPU).
+
+Then a real training loop (`train.train_and_evaluate` on a small synthetic collection of 512x512 JPEG slices,
+phase 2's freezing, `--main_steps` steps per epoch) reports its own images/s and the share of step time it
+waited for the loader (prefetch included).
 
 Prints a Markdown table on stdout (progress on stderr) and, with --json=FILE, one JSON object per row.
 `--tiny` cuts every backbone to its stem and a single stage of one block (built from Keras's own blocks on the
@@ -165,6 +171,14 @@ def _flops(compiled) -> float | None:
   return float(flops) if flops and flops > 0 else None
 
 
+def _temp_mb(compiled) -> float | None:
+  """XLA's buffer assignment for the step: the activations and scratch it keeps (what remat reduces)."""
+  try:
+    return compiled.memory_analysis().temp_size_in_bytes / 2**20
+  except Exception:  # pylint: disable=broad-except  (not every backend reports it)
+    return None
+
+
 def matmul_peak(dtype_name: str) -> dict:
   """GFLOP/s of a 2048x2048 matmul compiled by XLA (median of 10), the machine's reachable peak.
 
@@ -297,7 +311,8 @@ class ProjectRows:
       # A copy: the step donates its state, and the next row starts from the same initial weights.
       state = jax.device_put(train.create_train_state(jax.random.PRNGKey(1), variables, phase),
                              train.replicated(self.mesh), may_alias=False)
-      step = train.compile_train_step(phase, losses.get_loss(self.config.train.loss), self.mesh)
+      step = train.compile_train_step(phase, losses.get_loss(self.config.train.loss), self.mesh,
+                                      remat=spec["remat"])
 
       def run(fn, carry):
         batch = data.to_global_batch({"image": self.images, "label": self.labels}, sharding)
@@ -324,6 +339,7 @@ class ProjectRows:
     if warm:
       return result
     result["gflop_per_step"] = None if (flops := _flops(compiled)) is None else flops / 1e9
+    result["xla_temp_mb"] = _temp_mb(compiled)
 
     def one_step():
       nonlocal carry
@@ -407,6 +423,36 @@ def project_worker(spec: dict) -> dict:
     _log(f"matmul peak: {MATMUL_SIZE}x{MATMUL_SIZE} products compiled by XLA")
     out["matmul"] = [matmul_peak(d) for d in dict.fromkeys(("float32", spec["dtype"]))]
   return out
+
+
+def main_run_worker(spec: dict) -> dict:
+  """A real `train_and_evaluate` (what `python -m resdense_jax.main` runs) on a small synthetic collection:
+  phase 2's freezing, 2 epochs of spec["main_steps"] steps; the loop's own timing fields of its last epoch."""
+  _configure_jax_cache(spec["cache_dir"])
+  from resdense_jax import train  # pylint: disable=g-import-not-at-top
+
+  config = ProjectRows(spec).config
+  config.compilation_cache_dir = spec["cache_dir"]
+  config.data.synthetic = True
+  slices = 8
+  scans = max(1, spec["main_steps"] * spec["batch"] // slices)
+  config.data.synthetic_scans = {"train": (scans - scans // 2, scans // 2), "validation": (1, 1), "test": 0}
+  config.data.synthetic_num_slices = (slices, slices)
+  config.data.synthetic_slice_size = 512  # COV19-CT-DB's slices are 512x512 JPEGs: decoded and resized
+  config.train.log_every_steps = 1000
+  config.train.remat = spec["remat"]
+  config.phases = [_phase("phase2", _freeze_rules("phase2", spec))]
+  config.phases[0].epochs = 2
+  workdir = pathlib.Path(tempfile.mkdtemp(prefix="main_run_", dir=spec["workdir"]))
+  _log(f"main run: train_and_evaluate on {2 * scans} synthetic scans of {slices} slices in {workdir}")
+  start = time.perf_counter()
+  train.train_and_evaluate(config, workdir)
+  records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  last = records[-1]
+  return {"rows": [{"situation": "main_run", "main_steps_per_epoch": spec["main_steps"],
+                    "main_images_per_s": last["train_images_per_s"],
+                    "data_wait_fraction": last["data_wait_fraction"], "main_wall_s": time.perf_counter() - start,
+                    "main_prefetch": config.data.prefetch}]}
 
 
 # ----------------------------------------------------------------------------------------------- Keras
@@ -573,12 +619,16 @@ def keras_worker(spec: dict) -> dict:
 # ------------------------------------------------------------------------------------------ orchestration
 
 
-def _run_worker(role: str, spec: dict, workdir: pathlib.Path, env: dict | None = None) -> dict:
-  """Runs a worker in a fresh Python process (its output on our stderr) and returns what it wrote."""
+def _run_worker(role: str, spec: dict, workdir: pathlib.Path, env: dict | None = None,
+                python: str | None = None) -> dict:
+  """Runs a worker in a fresh Python process (its output on our stderr) and returns what it wrote.
+
+  `python`: the interpreter (default this one); the Keras worker needs only keras, numpy and a backend.
+  """
   tag = f"{role}_{'_'.join(spec['situations'])}_{spec.get('warm', '')}_{time.time_ns()}"
   spec_file, out_file = workdir / f"{tag}.spec.json", workdir / f"{tag}.out.json"
   spec_file.write_text(json.dumps(spec))
-  command = [sys.executable, str(pathlib.Path(__file__).resolve()), f"--_worker={role}", f"--_spec={spec_file}",
+  command = [python or sys.executable, str(pathlib.Path(__file__).resolve()), f"--_worker={role}", f"--_spec={spec_file}",
              f"--_out={out_file}"]
   completed = subprocess.run(command, env={**os.environ, **(env or {})}, stdout=sys.stderr, check=False)
   if completed.returncode != 0:
@@ -587,11 +637,16 @@ def _run_worker(role: str, spec: dict, workdir: pathlib.Path, env: dict | None =
   return json.loads(out_file.read_text())
 
 
-def keras_backend_choice(requested: str) -> str | None:
+def keras_backend_choice(requested: str, python: str | None = None) -> str | None:
+  """auto: tensorflow when the Keras interpreter can import it, else jax."""
   if requested == "none":
     return None
   if requested == "auto":
-    return "tensorflow" if importlib.util.find_spec("tensorflow") is not None else "jax"
+    if not python:
+      return "tensorflow" if importlib.util.find_spec("tensorflow") is not None else "jax"
+    found = subprocess.run([python, "-c", "import importlib.util, sys; "
+                            "sys.exit(importlib.util.find_spec('tensorflow') is None)"], check=False)
+    return "tensorflow" if found.returncode == 0 else "jax"
   return requested
 
 
@@ -603,9 +658,9 @@ def measure(args) -> list[dict]:
   spec = {"size": args.size, "batch": args.batch, "dtype": args.dtype, "backbones": args.backbones,
           "fusion": args.fusion, "tiny": args.tiny, "freeze_first": args.freeze_first, "steps": args.steps,
           "warmup": args.warmup, "scan": args.scan, "predictor_repeats": args.predictor_repeats,
-          "workdir": str(workdir), "cache_dir": cache_dir}
+          "workdir": str(workdir), "cache_dir": cache_dir, "remat": args.remat, "main_steps": args.main_steps}
   groups = [list(args.situations)] if args.one_process else [[s] for s in args.situations]
-  keras_backend = keras_backend_choice(args.keras_backend)
+  keras_backend = keras_backend_choice(args.keras_backend, args.keras_python or None)
   project, warm, keras_rows, info = {}, {}, {}, {}
   if not args.one_process:
     _log("matmul peak in its own process")
@@ -619,7 +674,8 @@ def measure(args) -> list[dict]:
       out = _run_worker("project", {**spec, "situations": group, "warm": True}, workdir)
       warm.update({row["situation"]: row for row in out["rows"]})
     if keras_backend:
-      out = _run_worker("keras", {**spec, "situations": group}, workdir, env={"KERAS_BACKEND": keras_backend})
+      out = _run_worker("keras", {**spec, "situations": group}, workdir, env={"KERAS_BACKEND": keras_backend},
+                        python=args.keras_python or None)
       info.update({k: v for k, v in out.items() if k != "rows"})
       keras_rows.update({row["situation"]: row for row in out["rows"]})
     for situation in group:  # What a long run has measured so far, in case it is stopped.
@@ -628,6 +684,10 @@ def measure(args) -> list[dict]:
            f"{_fmt(warm.get(situation, {}).get('first_step_warm_s'), '.1f')} s warm; Keras "
            f"{_fmt(theirs.get('keras_images_per_s'))} images/s, first step "
            f"{_fmt(theirs.get('keras_first_step_s'), '.1f')} s")
+  main_run = None
+  if args.main_steps:
+    _log("main run: the training loop itself, for the time it waits on the loader")
+    main_run = _run_worker("main_run", {**spec, "situations": ["main_run"]}, workdir)["rows"][0]
   peaks = {m["dtype"]: m["gflops"] for m in info.get("matmul", [])}
   peak = peaks.get(args.dtype)
   rows = []
@@ -651,6 +711,9 @@ def measure(args) -> list[dict]:
     row["keras_gflops"] = flops / args.batch * keras_ips if flops and keras_ips else None
     row["keras_peak_fraction"] = row["keras_gflops"] / peak if row["keras_gflops"] and peak else None
     rows.append(row)
+  if main_run:
+    rows.append({**{k: rows[0][k] for k in ("backbones", "tiny", "size", "batch", "dtype", "backend",
+                                            "device_kind")}, **main_run})
   return rows
 
 
@@ -665,8 +728,10 @@ def _fmt(value, spec: str = ".2f") -> str:
 def table(rows: list[dict]) -> str:
   """The Markdown table: one line per situation, then the Predictor and the machine's matmul peak."""
   header = ("| situation | images/s | Keras images/s | ratio | first step cold / warm s | Keras first step s "
-            "| GFLOP/step | GFLOP/s | % peak | Keras % peak | peak RSS MB (Keras) | device MB (Keras) |")
+            "| GFLOP/step | GFLOP/s | % peak | Keras % peak | peak RSS MB (Keras) | XLA temp MB | device MB (Keras) |")
   lines = [header, "|" + " --- |" * header.count(" | ")  + " --- |"]
+  main_runs = [r for r in rows if r["situation"] == "main_run"]
+  rows = [r for r in rows if r["situation"] != "main_run"]
   for r in rows:
     label = LABELS[r["situation"]].format(n=r["freeze"][0].split(":")[1] if r["situation"] == "phase2" else "")
     lines.append(
@@ -676,6 +741,7 @@ def table(rows: list[dict]) -> str:
         f"| {_fmt(r['gflops'], '.1f')} | {_fmt(r['peak_fraction'] and 100 * r['peak_fraction'], '.1f')} "
         f"| {_fmt(r['keras_peak_fraction'] and 100 * r['keras_peak_fraction'], '.1f')} "
         f"| {_fmt(r['host_peak_rss_mb'], '.0f')} ({_fmt(r.get('keras_host_peak_rss_mb'), '.0f')}) "
+        f"| {_fmt(r.get('xla_temp_mb'), '.0f')} "
         f"| {_fmt(r['device_peak_mb'], '.0f')} ({_fmt(r.get('keras_device_peak_mb'), '.0f')}) |")
   first = rows[0]
   notes = [f"\n{'+'.join(first['backbones'])}{' (--tiny: one stage of one block)' if first['tiny'] else ''}, "
@@ -687,6 +753,10 @@ def table(rows: list[dict]) -> str:
     if r.get("predictor_images_per_s"):
       notes.append(f"Predictor, whole scan ({r['predictor_slices']} slices of {r['predictor_scan']}, reading "
                    f"{r['scan_read_s']:.2f} s included): {r['predictor_images_per_s']:.2f} images/s.")
+  for r in main_runs:
+    notes.append(f"Training loop (`train_and_evaluate`, phase-2 freezing, prefetch {r['main_prefetch']}, "
+                 f"{r['main_steps_per_epoch']} steps per epoch, last epoch): {r['main_images_per_s']:.2f} images/s, "
+                 f"{100 * r['data_wait_fraction']:.1f}% of the step time waiting on the loader.")
   notes.append(f"Matmul peak ({MATMUL_SIZE}x{MATMUL_SIZE}, XLA): "
                f"{_fmt(first['matmul_peak_gflops_float32'], '.1f')} GFLOP/s float32"
                + (f", {_fmt(first['matmul_peak_gflops'], '.1f')} {first['dtype']}"
@@ -712,6 +782,14 @@ def parse_args(argv=None):
                       help=f"comma-separated subset of {','.join(SITUATIONS)}")
   parser.add_argument("--keras_backend", choices=("auto", "tensorflow", "jax", "none"), default="auto",
                       help="auto: tensorflow when importable, else jax; none: no Keras reference")
+  parser.add_argument("--remat", choices=("none", "blocks"), default="none",
+                      help="config.train.remat of the training rows (their XLA temp MB shows what it saves)")
+  parser.add_argument("--main_steps", type=int, default=8,
+                      help="steps per epoch of the real training-loop run that measures the loader wait "
+                      "(2 epochs; 0 skips it)")
+  parser.add_argument("--keras_python", default="",
+                      help="Python interpreter for the Keras reference (default this one), e.g. a virtual "
+                      "environment with tensorflow and keras (`make bench-tf` makes .venv-tf)")
   parser.add_argument("--scan", default="", help="scan for the Predictor row (default: ../shared/data/"
                       "chest_ct_dicom, else a synthetic DICOM series)")
   parser.add_argument("--predictor_repeats", type=int, default=3, help="timed passes over the scan (default 3)")
@@ -742,7 +820,8 @@ def main(argv=None) -> None:
   args = parse_args(argv)
   if args._worker:  # pylint: disable=protected-access
     spec = json.loads(pathlib.Path(args._spec).read_text())  # pylint: disable=protected-access
-    out = {"project": project_worker, "keras": keras_worker}[args._worker](spec)  # pylint: disable=protected-access
+    out = {"project": project_worker, "keras": keras_worker,  # pylint: disable=protected-access
+           "main_run": main_run_worker}[args._worker](spec)  # pylint: disable=protected-access
     pathlib.Path(args._out).write_text(json.dumps(out))  # pylint: disable=protected-access
     return
   started = time.perf_counter()

@@ -24,6 +24,8 @@ def phase(name: str, epochs: int, freeze: tuple[str, ...], optimizer: str = "rms
 def get_base_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
+  # Persistent XLA compilation cache: a second run reads its compiled steps back ("" turns it off).
+  config.compilation_cache_dir = "~/.cache/resdense_jax/xla"
 
   config.data = ml_collections.ConfigDict()
   config.data.root = ""                   # COV19-CT-DB root: <root>/{train,validation}/{covid,non-covid}/<scan>/
@@ -39,6 +41,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.data.rotation_factor = 0.2
   config.data.middle_fraction = 1.0       # train on the middle fraction of each scan's slices
   config.data.num_workers = 0
+  config.data.prefetch = 2                # batches decoded and sent to the devices ahead of the running step
 
   config.model = ml_collections.ConfigDict()
   config.model.backbones = ("resnet101", "densenet121")
@@ -51,7 +54,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.model.num_outputs = 1            # 1: sigmoid head; 2: softmax head (use sparse_categorical_cross_entropy)
   config.model.preprocessing = "keras"    # keras (caffe / torch per backbone) | authors (caffe, then [-1, 1])
   config.model.backbone_bn_inference = False  # True: every backbone BatchNorm in inference mode (authors' code)
-  config.model.dtype = "float32"          # compute dtype: float32 | bfloat16 (params stay float32)
+  config.model.dtype = "auto"             # compute dtype: auto (bfloat16 on GPU/TPU, float32 on CPU) | float32 |
+                                          # bfloat16; params, BatchNorm statistics and the loss stay float32
   config.model.pretrained = "imagenet"    # imagenet | none
   config.model.weights_dir = ""           # folder with the Keras .h5 files; default: the Keras cache
   config.model.download_weights = True    # fetch missing files from Keras's published URLs
@@ -67,6 +71,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   # checkpoint), BatchNorm moving statistics := their average over N un-augmented training batches under
   # the current weights (PreciseBN). Helps from-scratch models whose weights outrun the 0.99 moving average.
   config.train.precise_bn_batches = 0
+  config.train.remat = "none"             # none | blocks: keep only block outputs, recompute inside (memory)
+  config.train.fsdp = False               # split parameters and optimizer state over the "data" axis
+  # 0: off. K > 0: a phase whose backbones are entirely frozen (phase 1) trains the head on the backbones'
+  # features of K augmented views per training slice, computed once (resdense_jax/feature_cache.py).
+  config.train.cache_frozen_features = 0
 
   # The paper: 20 epochs; first the head with both backbones frozen, then all but the first 100 Keras layers
   # of each backbone. The split between the phases is not given in the paper; 10 + 10 here.

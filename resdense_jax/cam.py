@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from resdense_jax import losses
+
 FUSION_SUFFIX = "_fusion_conv"
 
 
@@ -83,8 +85,6 @@ def class_activation_maps(model, variables: dict, images: jax.Array) -> dict[str
 
 
 def _probability(logits: jax.Array) -> jax.Array:
-  from resdense_jax import losses  # pylint: disable=g-import-not-at-top
-
   return losses.covid_probability(logits)
 
 

@@ -26,6 +26,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
+from resdense_jax.models.build import create_model
+
 
 def write_json_atomic(path: pathlib.Path, obj: Any) -> None:
   """Writes JSON to a temporary file and renames it into place (never a half-written file)."""
@@ -111,8 +113,6 @@ def load_for_inference(checkpoint_dir: str | os.PathLike):
   `checkpoint_dir` is a workdir, its `checkpoints/` folder (the best step is taken), or one step folder.
   `variables` is {"params", "batch_stats"} as host NumPy-backed jax arrays on the default device.
   """
-  from resdense_jax import train  # pylint: disable=g-import-not-at-top  (train imports this module)
-
   folder, step_dir = _find_step_dir(pathlib.Path(checkpoint_dir).expanduser().absolute())
   config_path = folder / "config.json"
   if not config_path.is_file():
@@ -128,4 +128,4 @@ def load_for_inference(checkpoint_dir: str | os.PathLike):
   finally:
     checkpointer.close()
   variables = jax.device_put({"params": tree["params"], "batch_stats": tree["batch_stats"]})
-  return train.create_model(config.model), variables, config
+  return create_model(config.model), variables, config

@@ -14,7 +14,7 @@ import numpy as np
 import tqdm
 from jax.experimental import multihost_utils
 
-from resdense_jax import metrics
+from resdense_jax import data, metrics
 
 
 def process_rows(batch: np.ndarray) -> np.ndarray:
@@ -37,8 +37,6 @@ def predict_slices(eval_fn: Callable, variables: dict, dataset, batch_sharding, 
   `dataset` yields whole global batches on every process (eval_pipeline); the returned arrays are the
   same on every process.
   """
-  from resdense_jax import data  # pylint: disable=g-import-not-at-top
-
   outputs = {"prob": [], "label": [], "scan_index": [], "slice_index": []}
   for batch in tqdm.tqdm(dataset, total=total, desc=desc, unit="batch", leave=False, dynamic_ncols=True):
     images = data.to_global_batch({"image": process_rows(batch["image"])}, batch_sharding)["image"]
@@ -58,8 +56,6 @@ def evaluate(eval_fn: Callable, variables: dict, scans: Sequence, config, batch_
   `scans`: a list of ScanRefs, a data.RawScans over them (indexed once, reused every evaluation) or a
   data.PreparedData split.
   """
-  from resdense_jax import data  # pylint: disable=g-import-not-at-top
-
   prepared = (data.RawScans, data.PreparedData)
   source = scans if isinstance(scans, prepared) else data.RawScans(list(scans), progress=False)
   refs = source.scans

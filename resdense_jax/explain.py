@@ -26,6 +26,9 @@ import tempfile
 from typing import Sequence
 
 import numpy as np
+from absl import flags
+
+from resdense_jax import cam, compilation_cache, data, plotting, predict
 
 METHODS = ("cam", "gradcam")
 
@@ -48,8 +51,6 @@ class ScanExplanation:
 
 def _map_fn(predictor, method: str, layer: str | None):
   """The jit-compiled map function for this predictor's model, made once per (method, layer)."""
-  from resdense_jax import cam  # pylint: disable=g-import-not-at-top
-
   cache = predictor.__dict__.setdefault("_explain_fns", {})
   key = (method, layer)
   if key not in cache:
@@ -65,8 +66,6 @@ def _map_fn(predictor, method: str, layer: str | None):
 def activation_maps(predictor, slices: np.ndarray, *, method: str = "cam", layer: str | None = None
                     ) -> tuple[np.ndarray, np.ndarray]:
   """(maps [n, h, w] upsampled to the slices' size, P(COVID) [n]) of uint8 [n, h, w] slices."""
-  from resdense_jax import cam  # pylint: disable=g-import-not-at-top
-
   if method == "gradcam" and not layer:
     layer = predictor.model.backbones[0]
   fn = _map_fn(predictor, method, layer)
@@ -84,8 +83,6 @@ def activation_maps(predictor, slices: np.ndarray, *, method: str = "cam", layer
 
 def explain_scan(predictor, scan_or_path, *, method: str = "cam", layer: str | None = None) -> ScanExplanation:
   """Slice probabilities, the scan's score and an activation map of every slice."""
-  from resdense_jax import data  # pylint: disable=g-import-not-at-top
-
   scan = scan_or_path if hasattr(scan_or_path, "slices") else data.read_scan(scan_or_path)
   if method == "gradcam" and not layer:
     layer = predictor.model.backbones[0]
@@ -127,9 +124,7 @@ def _title(explanation: ScanExplanation) -> str:
 
 def plot_top_slice(explanation: ScanExplanation, index: int, rank: int, path) -> pathlib.Path:
   """One slice: as read, and with its activation map, with a colour bar."""
-  from resdense_jax.reports import _pyplot, save_figure  # pylint: disable=g-import-not-at-top
-
-  plt = _pyplot()
+  plt = plotting.pyplot()
   vmax = _overlay_scale(explanation)
   image = explanation.scan.slices[index]
   fig, (ax_raw, ax_map) = plt.subplots(1, 2, figsize=(9, 4.8), dpi=110)
@@ -141,14 +136,12 @@ def plot_top_slice(explanation: ScanExplanation, index: int, rank: int, path) ->
   ax_map.set_title(f"P(COVID) {explanation.slice_probs[index]:.3f} (rank {rank} in the scan)")
   fig.colorbar(artist, ax=ax_map, fraction=0.046, pad=0.03, label=_map_label(explanation))
   fig.suptitle(_title(explanation), fontsize=10)
-  return save_figure(fig, path)
+  return plotting.save_figure(fig, path)
 
 
 def plot_montage(explanation: ScanExplanation, path, *, columns: int | None = None) -> pathlib.Path:
   """Every slice with its map and P(COVID), in body-axis order; red frames mark slices above threshold."""
-  from resdense_jax.reports import _pyplot, save_figure  # pylint: disable=g-import-not-at-top
-
-  plt = _pyplot()
+  plt = plotting.pyplot()
   n = len(explanation.slice_probs)
   columns = min(columns or (8 if n <= 64 else 12), n)
   rows = -(-n // columns)
@@ -172,14 +165,12 @@ def plot_montage(explanation: ScanExplanation, path, *, columns: int | None = No
   fig.suptitle(f"{_title(explanation)}\nslice index: P(COVID); red: above threshold", fontsize=10,
                y=1.0 - 0.1 / height)
   fig.colorbar(artist, ax=axes.ravel().tolist(), fraction=0.02, pad=0.01, label=_map_label(explanation))
-  return save_figure(fig, path)
+  return plotting.save_figure(fig, path)
 
 
 def plot_slice_probabilities(explanation: ScanExplanation, path, *, top: Sequence[int] = ()) -> pathlib.Path:
   """P(COVID) per slice along the body axis, the scan score, the threshold and the top slices."""
-  from resdense_jax.reports import _pyplot, save_figure  # pylint: disable=g-import-not-at-top
-
-  plt = _pyplot()
+  plt = plotting.pyplot()
   probs = explanation.slice_probs
   index = np.arange(len(probs))
   fig, ax = plt.subplots(figsize=(8, 3.8), dpi=110)
@@ -198,7 +189,7 @@ def plot_slice_probabilities(explanation: ScanExplanation, path, *, top: Sequenc
   ax.set_title(_title(explanation), fontsize=10)
   ax.grid(alpha=0.3)
   ax.legend(loc="best", fontsize=8, framealpha=0.9)
-  return save_figure(fig, path)
+  return plotting.save_figure(fig, path)
 
 
 def save_maps(explanation: ScanExplanation, path) -> pathlib.Path:
@@ -235,8 +226,6 @@ def write_explanation(explanation: ScanExplanation, out_dir, *, top_k: int = 4) 
 
 
 def main(argv: Sequence[str]) -> int:
-  from absl import flags  # pylint: disable=g-import-not-at-top
-
   fv = flags.FlagValues()
   flags.DEFINE_string("checkpoint", None, "A training workdir, its checkpoints/ folder, or one step folder.",
                       flag_values=fv)
@@ -252,6 +241,8 @@ def main(argv: Sequence[str]) -> int:
   flags.DEFINE_float("threshold", None, "COVID threshold; default: the checkpoint's.", flag_values=fv)
   flags.DEFINE_enum("aggregation", None, ["mean", "vote"], "Scan rule; default: the checkpoint's.",
                     flag_values=fv)
+  flags.DEFINE_string("compilation_cache_dir", compilation_cache.DEFAULT_DIR, "Persistent XLA compilation "
+                      "cache (a second run reads its compiled programs back); empty: off.", flag_values=fv)
   flags.mark_flags_as_required(["checkpoint", "scan", "out"], flag_values=fv)
   try:
     extra = fv(list(argv))[1:]
@@ -261,13 +252,12 @@ def main(argv: Sequence[str]) -> int:
     print(f"error: {error}\nusage: python -m resdense_jax.explain --checkpoint=DIR --scan=PATH --out=DIR "
           "[--method=cam|gradcam] [--layer=NAME] [--top_k=4]", file=sys.stderr)
     return 2
-  from resdense_jax import data, predict  # pylint: disable=g-import-not-at-top
-
   try:
     scan = data.read_scan(fv.scan)
   except (OSError, ValueError) as error:
     print(f"error: cannot read the scan: {error}", file=sys.stderr)
     return 1
+  compilation_cache.enable(fv.compilation_cache_dir)
   predictor = predict.Predictor.from_checkpoint(fv.checkpoint, aggregation=fv.aggregation, threshold=fv.threshold)
   try:
     explanation = explain_scan(predictor, scan, method=fv.method, layer=fv.layer)

@@ -73,3 +73,9 @@ def covid_probability(logits: jax.Array) -> jax.Array:
   if logits.ndim == 1 or logits.shape[-1] == 1:
     return jax.nn.sigmoid(logits.reshape(logits.shape[0]))
   return jax.nn.softmax(logits, axis=-1)[:, 1]
+
+
+def step_metrics(loss: jax.Array, logits: jax.Array, labels: jax.Array) -> dict:
+  """What a train step reports: its loss and its accuracy at threshold 0.5."""
+  preds = (covid_probability(logits) > 0.5).astype(jnp.int32)
+  return {"loss": loss, "accuracy": jnp.mean(preds == labels)}

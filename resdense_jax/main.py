@@ -8,8 +8,11 @@
 Re-running with the same workdir resumes from its latest checkpoint.
 """
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from resdense_jax import train
 
 FLAGS = flags.FLAGS
 
@@ -28,12 +31,8 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   if not FLAGS["verbosity"].present:  # absl sets the flag itself, so using_default_value is always False
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO; --verbosity=0 brings it back
-  import jax  # pylint: disable=g-import-not-at-top  (after flag parsing: JAX_PLATFORMS etc. apply)
-
   if FLAGS.distributed:
     jax.distributed.initialize()
-  from resdense_jax import train  # pylint: disable=g-import-not-at-top
-
   logging.info("JAX devices: %s (process %d of %d)", jax.devices(), jax.process_index(), jax.process_count())
   if FLAGS.dry_run:
     print(_plan_table(train.dry_run(FLAGS.config, FLAGS.workdir)), flush=True)

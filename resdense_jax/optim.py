@@ -221,3 +221,15 @@ def merge(trainable: Mapping[Path, jax.Array], frozen: Mapping[Path, jax.Array])
 def zeros_for(frozen: Mapping[Path, jax.Array]) -> dict[Path, jax.Array]:
   """Zero 'gradients' for frozen parameters: constants, never computed by backprop, ignored by set_to_zero."""
   return {k: jnp.zeros_like(v) for k, v in frozen.items()}
+
+
+def apply_trainable_update(tx: optax.GradientTransformation, params, labels, trainable_grads, opt_state):
+  """One optax step on the trainable partition: (new params, new opt_state).
+
+  `trainable_grads` are the gradients of split(params, labels)[0]; frozen weights get zero gradients in the
+  optimizer's view and are carried over as they are (bitwise), never added to a zero update.
+  """
+  trainable, frozen = split(params, labels)
+  updates, opt_state = tx.update(merge(trainable_grads, zeros_for(frozen)), opt_state, params)
+  trainable_updates, _ = split(updates, labels)
+  return merge(optax.apply_updates(trainable, trainable_updates), frozen), opt_state

@@ -28,7 +28,14 @@ import sys
 import tempfile
 from typing import Iterable, Sequence
 
+import jax
 import numpy as np
+import tqdm
+from absl import flags
+
+from resdense_jax import checkpoints, compilation_cache, data, metrics, sharding, train
+from resdense_jax.data import augment, dicom, pipeline, scans
+from resdense_jax.data.discover import SPLIT_NAMES, scans_in
 
 CSV_COLUMNS = ("scan_id", "path", "n_slices", "p_covid", "label")
 PER_SLICE_COLUMNS = ("scan_id", "path", "slice_index", "p_covid")
@@ -66,16 +73,12 @@ class Failure:
 
 
 def _visible_children(folder: pathlib.Path) -> list[pathlib.Path]:
-  from resdense_jax.data.scans import natural_key  # pylint: disable=g-import-not-at-top
-
   return sorted((p for p in folder.iterdir() if not p.name.startswith((".", "_"))),
-                key=lambda p: natural_key(p.name))
+                key=lambda p: scans.natural_key(p.name))
 
 
 def _is_scan_folder(folder: pathlib.Path) -> bool:
   """Slice images or DICOM files directly inside: one scan, not a folder of scans."""
-  from resdense_jax.data import dicom, scans  # pylint: disable=g-import-not-at-top
-
   return any(p.is_file() and (scans.is_image(p) or dicom.is_dicom_file(p)) for p in folder.iterdir())
 
 
@@ -85,8 +88,6 @@ def _class_label(name: str) -> int | None:
 
 def _labelled_folder_scans(folder: pathlib.Path, split: str):
   """Scans of `<folder>/{covid,non-covid}/` (whichever class folders are there), labelled."""
-  from resdense_jax.data.discover import scans_in  # pylint: disable=g-import-not-at-top
-
   refs = []
   for child in _visible_children(folder):
     label = _class_label(child.name) if child.is_dir() else None
@@ -97,9 +98,6 @@ def _labelled_folder_scans(folder: pathlib.Path, split: str):
 
 def find_scans(path: str | os.PathLike) -> list:
   """The scans (data.ScanRef) `path` stands for: one scan, a folder of scans, a split or a collection root."""
-  from resdense_jax.data import scans  # pylint: disable=g-import-not-at-top
-  from resdense_jax.data.discover import SPLIT_NAMES, scans_in  # pylint: disable=g-import-not-at-top
-
   path = pathlib.Path(path).expanduser()
   if not path.exists():
     raise scans.ScanError(path, "no such scan, folder of scans or COV19-CT-DB folder")
@@ -137,10 +135,6 @@ class Predictor:
 
   def __init__(self, model, variables: dict, config, *, aggregation: str | None = None,
                threshold: float | None = None, batch_size: int | None = None):
-    import jax  # pylint: disable=g-import-not-at-top
-
-    from resdense_jax import metrics, train  # pylint: disable=g-import-not-at-top
-
     self.model, self.config = model, config
     self.aggregation = aggregation or config.eval.aggregation
     if self.aggregation not in metrics.AGGREGATIONS:
@@ -149,31 +143,25 @@ class Predictor:
     self.image_size = int(config.data.image_size)
     self.middle_fraction = float(config.eval.middle_fraction)
     self.batch_size = int(batch_size or config.eval.batch_size)
-    mesh = train.create_mesh()
+    mesh = sharding.create_mesh()
     if self.batch_size % mesh.size:
       raise ValueError(f"batch size {self.batch_size} must divide evenly over the {mesh.size} devices")
-    self._sharding = train.data_sharded(mesh)
-    self.variables = jax.device_put(variables, train.replicated(mesh))
+    self._sharding = sharding.data_sharded(mesh)
+    self.variables = jax.device_put(variables, sharding.replicated(mesh))
     self._eval_fn = train.compile_eval_step(model, mesh)
 
   @classmethod
   def from_checkpoint(cls, checkpoint_dir: str | os.PathLike, **overrides) -> "Predictor":
     """From a workdir, its checkpoints/ folder (the best step) or one step folder."""
-    from resdense_jax import checkpoints  # pylint: disable=g-import-not-at-top
-
     model, variables, config = checkpoints.load_for_inference(checkpoint_dir)
     return cls(model, variables, config, **overrides)
 
   def model_inputs(self, slices: np.ndarray) -> np.ndarray:
     """uint8 [n, h, w] slices -> uint8 [n, S, S, 3], the eval pipeline's resize and grey-to-RGB."""
-    from resdense_jax.data import augment  # pylint: disable=g-import-not-at-top
-
     return np.stack([augment.grey_to_rgb(augment.resize(s, self.image_size)) for s in slices])
 
   def slice_probabilities(self, slices: np.ndarray) -> np.ndarray:
     """P(COVID) of every slice of uint8 [n, h, w] `slices`, float32 [n]."""
-    from resdense_jax import data  # pylint: disable=g-import-not-at-top
-
     slices = np.asarray(slices)
     if slices.ndim != 3 or slices.dtype != np.uint8 or not len(slices):
       raise ValueError(f"slices must be uint8 [n, h, w] with n >= 1, got {slices.dtype} {slices.shape}")
@@ -189,9 +177,6 @@ class Predictor:
 
   def scan_score(self, slice_probs: np.ndarray) -> float:
     """The scan's score from all its slice probabilities: the evaluation's middle slices and rule."""
-    from resdense_jax import metrics  # pylint: disable=g-import-not-at-top
-    from resdense_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-
     rows = pipeline.select_slices(np.asarray([len(slice_probs)]), self.middle_fraction)
     kept = np.asarray(slice_probs)[rows[:, 1]]
     return float(metrics.aggregate_scans(kept, np.zeros(len(kept), np.int64), 1, rule=self.aggregation)[0])
@@ -215,8 +200,6 @@ class Predictor:
   def predict_many(self, inputs: Iterable, *, progress: bool = True
                    ) -> tuple[list[ScanPrediction], list[Failure]]:
     """Predicts every input (Scan, ScanRef or path); one that cannot be read is reported, not fatal."""
-    import tqdm  # pylint: disable=g-import-not-at-top
-
     inputs = list(inputs)
     predictions, failures = [], []
     for item in tqdm.tqdm(inputs, desc="predict", unit="scan", disable=not progress, dynamic_ncols=True):
@@ -231,8 +214,6 @@ class Predictor:
 
   @staticmethod
   def _read(scan_or_ref):
-    from resdense_jax import data  # pylint: disable=g-import-not-at-top
-
     if hasattr(scan_or_ref, "slices"):
       return scan_or_ref
     if hasattr(scan_or_ref, "scan_id") and hasattr(scan_or_ref, "path"):
@@ -291,8 +272,6 @@ def write_submission(predictions: Sequence[ScanPrediction], folder) -> dict[int,
 
 def summary(predictions: Sequence[ScanPrediction], failures: Sequence[Failure], predictor: Predictor) -> str:
   """A few lines: counts per predicted class, failures, and metrics where the true classes are known."""
-  from resdense_jax import metrics  # pylint: disable=g-import-not-at-top
-
   covid = sum(p.label for p in predictions)
   lines = [f"predicted {len(predictions)} scans ({covid} COVID, {len(predictions) - covid} non-COVID; "
            f"{predictor.aggregation} of slice probabilities > {predictor.threshold:g})"]
@@ -313,8 +292,6 @@ def summary(predictions: Sequence[ScanPrediction], failures: Sequence[Failure], 
 
 def parse_flags(argv: Sequence[str]):
   """A fresh absl FlagValues parsed from argv (argv[0] is the program), so main() also runs in-process."""
-  from absl import flags  # pylint: disable=g-import-not-at-top
-
   fv = flags.FlagValues()
   flags.DEFINE_string("checkpoint", None, "A training workdir, its checkpoints/ folder, or one step folder.",
                       flag_values=fv)
@@ -333,6 +310,8 @@ def parse_flags(argv: Sequence[str]):
   flags.DEFINE_integer("batch_size", None, "Slices per forward pass; default: config.eval.batch_size.",
                        flag_values=fv)
   flags.DEFINE_boolean("progress", True, "Show a progress bar over the scans.", flag_values=fv)
+  flags.DEFINE_string("compilation_cache_dir", compilation_cache.DEFAULT_DIR, "Persistent XLA compilation "
+                      "cache (a second run reads its compiled programs back); empty: off.", flag_values=fv)
   flags.mark_flags_as_required(["checkpoint", "input"], flag_values=fv)
   extra = fv(list(argv))[1:]
   if extra:
@@ -342,11 +321,9 @@ def parse_flags(argv: Sequence[str]):
 
 def main(argv: Sequence[str]) -> int:
   """The command line; returns the exit status (1 when nothing could be read)."""
-  from absl import flags as absl_flags  # pylint: disable=g-import-not-at-top
-
   try:
     fl = parse_flags(argv)
-  except absl_flags.Error as error:
+  except flags.Error as error:
     print(f"error: {error}\nusage: python -m resdense_jax.predict --checkpoint=DIR --input=PATH "
           "[--out=FILE.csv] [--per_slice=FILE.csv] [--submission=DIR] [--aggregation=mean|vote] "
           "[--threshold=T]", file=sys.stderr)
@@ -356,6 +333,7 @@ def main(argv: Sequence[str]) -> int:
   except (OSError, ValueError) as error:
     print(f"error: {error}", file=sys.stderr)
     return 1
+  compilation_cache.enable(fl.compilation_cache_dir)
   predictor = Predictor.from_checkpoint(fl.checkpoint, aggregation=fl.aggregation, threshold=fl.threshold,
                                         batch_size=fl.batch_size)
   predictions, failures = predictor.predict_many(refs, progress=fl.progress)

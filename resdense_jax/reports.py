@@ -21,10 +21,13 @@ import json
 import os
 import pathlib
 import sys
-import tempfile
 from typing import Sequence
 
 import numpy as np
+from absl import flags
+
+from resdense_jax import checkpoints, data, metrics, plotting, predict
+from resdense_jax.data import sources
 
 REPORT_DIR = "report"
 PHASE_COLOURS = ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3")
@@ -52,15 +55,11 @@ def read_metrics(workdir: str | os.PathLike) -> list[dict]:
 
 def best_step(workdir: str | os.PathLike, metric: str = "val_scan_macro_f1") -> int:
   """The step of the best checkpoint, as the checkpoint manager (and load_for_inference) picks it."""
-  from resdense_jax import checkpoints  # pylint: disable=g-import-not-at-top
-
   return checkpoints.best_step(pathlib.Path(workdir) / "checkpoints", metric)
 
 
 def validation_predictions(workdir: str | os.PathLike, predictor=None) -> list:
   """predict.ScanPrediction of the best checkpoint for each validation scan of the run's config."""
-  from resdense_jax import data, predict, train  # pylint: disable=g-import-not-at-top
-
   workdir = pathlib.Path(workdir)
   predictor = predictor or predict.Predictor.from_checkpoint(workdir)
   config = predictor.config
@@ -69,7 +68,7 @@ def validation_predictions(workdir: str | os.PathLike, predictor=None) -> list:
     root = pathlib.Path(config.data.prepared_dir)
     scans = data.PreparedData(root, "validation", image_size=config.data.image_size).scans
   else:
-    root = train.resolve_data_root(config, workdir)
+    root = sources.resolve_data_root(config, workdir)
     scans = data.discover(root, val_fraction=config.data.val_fraction, seed=config.seed).validation
   if not scans:
     raise ValueError(f"{root}: no validation scans")
@@ -102,31 +101,6 @@ def roc_curve(labels: Sequence[int], scores: Sequence[float]) -> tuple[np.ndarra
 # ---------------------------------------------------------------------------------------------- plotting
 
 
-def _pyplot():
-  import matplotlib  # pylint: disable=g-import-not-at-top
-
-  matplotlib.use("Agg")  # headless: no display needed
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  return plt
-
-
-def save_figure(fig, path: pathlib.Path) -> pathlib.Path:
-  """PNG written to a temporary file beside `path`, then renamed over it."""
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-  os.close(fd)
-  try:
-    fig.savefig(tmp, dpi=fig.dpi, bbox_inches="tight")
-    os.replace(tmp, path)
-  except BaseException:
-    pathlib.Path(tmp).unlink(missing_ok=True)
-    raise
-  finally:
-    _pyplot().close(fig)
-  return path
-
-
 def _shade_phases(ax, records: Sequence[dict]) -> None:
   """Each phase's epochs as a shaded band labelled with the phase name; epoch e spans (e - 1, e]."""
   phases: dict[int, list] = {}
@@ -144,7 +118,7 @@ def _shade_phases(ax, records: Sequence[dict]) -> None:
 def plot_training_curves(records: Sequence[dict], path, *, best: int | None = None,
                          metric: str = "val_scan_macro_f1") -> pathlib.Path:
   """Training loss (top) and validation scan macro-F1 (bottom) per epoch, phases shaded, best marked."""
-  plt = _pyplot()
+  plt = plotting.pyplot()
   epochs = np.asarray([r["epoch"] for r in records], np.float64)
   fig, (ax_loss, ax_f1) = plt.subplots(2, 1, figsize=(7.5, 6.5), sharex=True, dpi=110)
   _shade_phases(ax_loss, records)
@@ -169,12 +143,12 @@ def plot_training_curves(records: Sequence[dict], path, *, best: int | None = No
   ax_f1.legend(loc="best", fontsize=8, framealpha=0.9)
   ax_f1.set_xlim(0, max(epochs.max(), 1) + 0.2)
   ax_f1.xaxis.get_major_locator().set_params(integer=True)
-  return save_figure(fig, path)
+  return plotting.save_figure(fig, path)
 
 
 def plot_confusion_matrix(cm, path, *, title: str) -> pathlib.Path:
   """2x2 confusion matrix [[TN, FP], [FN, TP]] with counts and row percentages."""
-  plt = _pyplot()
+  plt = plotting.pyplot()
   cm = np.asarray(cm, np.int64)
   fig, ax = plt.subplots(figsize=(5.2, 4.4), dpi=110)
   image = ax.imshow(cm, cmap="Blues", vmin=0, vmax=max(int(cm.max()), 1))
@@ -190,14 +164,12 @@ def plot_confusion_matrix(cm, path, *, title: str) -> pathlib.Path:
       ax.text(j, i, f"{cm[i, j]}\n({100 * cm[i, j] / rows[i, 0]:.0f}%)", ha="center", va="center",
               color="white" if dark else "black", fontsize=12)
   ax.set_title(title, fontsize=10)
-  return save_figure(fig, path)
+  return plotting.save_figure(fig, path)
 
 
 def plot_roc(labels, scores, path, *, title: str, threshold: float | None = None) -> pathlib.Path:
   """ROC curve of scan scores, with the AUC, the chance diagonal and the operating point at `threshold`."""
-  from resdense_jax import metrics  # pylint: disable=g-import-not-at-top
-
-  plt = _pyplot()
+  plt = plotting.pyplot()
   fpr, tpr, _ = roc_curve(labels, scores)
   auc = metrics.roc_auc(np.asarray(labels), np.asarray(scores))
   fig, ax = plt.subplots(figsize=(5, 5), dpi=110)
@@ -215,7 +187,7 @@ def plot_roc(labels, scores, path, *, title: str, threshold: float | None = None
   ax.set_title(title, fontsize=10)
   ax.grid(alpha=0.3)
   ax.legend(loc="lower right")
-  return save_figure(fig, path)
+  return plotting.save_figure(fig, path)
 
 
 # ------------------------------------------------------------------------------------------------- report
@@ -228,8 +200,6 @@ def write_training_report(workdir: str | os.PathLike, *, out_dir: str | os.PathL
   "best_step": int, "best_val_scan_macro_f1": float (as recorded), "report_dir": path,
   "confusion_matrix_values": [[TN, FP], [FN, TP]] of the re-run, "auc": float}.
   """
-  from resdense_jax import metrics, predict  # pylint: disable=g-import-not-at-top
-
   workdir = pathlib.Path(workdir)
   out = pathlib.Path(out_dir) if out_dir else workdir / REPORT_DIR
   records = read_metrics(workdir)
@@ -275,8 +245,6 @@ def describe(result: dict, metric: str = "val_scan_macro_f1") -> str:
 
 
 def main(argv: Sequence[str]) -> int:
-  from absl import flags  # pylint: disable=g-import-not-at-top
-
   fv = flags.FlagValues()
   flags.DEFINE_string("workdir", None, "Training workdir (metrics.jsonl, checkpoints/).", flag_values=fv)
   flags.DEFINE_string("out", None, "Folder for the PNGs; default <workdir>/report.", flag_values=fv)

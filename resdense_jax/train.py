@@ -1,10 +1,13 @@
 """Fine-tuning Res-Dense Net: train state, jit-compiled steps, phases, and the training loop.
 
-flax examples/imagenet style: small pure functions (create_model, create_train_state, train_step, eval_step)
-and `train_and_evaluate(config, workdir)` that wires data, phases, evaluation, checkpoints and logging.
+flax examples/imagenet style: small pure functions (create_train_state, train_step, eval_step) and
+`train_and_evaluate(config, workdir)` that wires data, phases, evaluation, checkpoints and logging. The model
+comes from `models.build.create_model`, the mesh and shardings from `sharding`, the slices from
+`data.sources`, the logs go through `metric_writer`.
 
-Data parallel from the first line: a Mesh over all devices with one "data" axis; batches are sharded on it,
-the train state is replicated, so one CPU, several GPUs or a TPU VM run the same code.
+Data parallel from the first line: batches are sharded over the mesh's "data" axis and the train state is
+replicated (or, with config.train.fsdp, split over the same axis), so one CPU, several GPUs or a TPU VM run
+the same code.
 """
 
 from __future__ import annotations
@@ -15,9 +18,8 @@ import json
 import os
 import pathlib
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -25,15 +27,17 @@ import numpy as np
 import optax
 import tqdm
 from flax import struct
-from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
 
-from resdense_jax import checkpoints, evaluate, losses, optim
-from resdense_jax.models.keras_layers import BN_MOMENTUM
+from resdense_jax import checkpoints, compilation_cache, evaluate, feature_cache, losses, optim, weights
+from resdense_jax.data import pipeline, prefetch, sources
+from resdense_jax.metric_writer import MetricWriter, summary_line
+from resdense_jax.models.build import DTYPES, create_model, plain  # noqa: F401  (train.create_model, as flax examples)
+from resdense_jax.models.keras_layers import BN_MOMENTUM, REMAT_SAVED
 from resdense_jax.models.resdense import ResDenseNet
+from resdense_jax.sharding import create_mesh, data_sharded, replicated, state_sharding  # noqa: F401
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
+REMAT_POLICIES = ("none", "blocks")
 
 @struct.dataclass
 class TrainState:
@@ -64,35 +68,6 @@ class Phase:
 # -------------------------------------------------------------------------------------------------- model
 
 
-def _plain(value):
-  """ConfigDict / lists -> plain dicts / tuples (hashable module attributes)."""
-  if isinstance(value, (ml_collections.ConfigDict, dict)):
-    return {k: _plain(v) for k, v in dict(value).items()}
-  if isinstance(value, (list, tuple)):
-    return tuple(_plain(v) for v in value)
-  return value
-
-
-def create_model(model_config: ml_collections.ConfigDict, *, frozen_bn=()) -> ResDenseNet:
-  """The Res-Dense Net the config describes."""
-  if model_config.dtype not in DTYPES:
-    raise ValueError(f"config.model.dtype must be one of {sorted(DTYPES)}, got {model_config.dtype!r}")
-  return ResDenseNet(
-      backbones=tuple(model_config.backbones),
-      fusion_filters=model_config.fusion_filters,
-      fusion_kernel=model_config.fusion_kernel,
-      fusion_activation=model_config.fusion_activation or None,
-      pooling=model_config.pooling,
-      dropout=model_config.dropout,
-      num_outputs=model_config.num_outputs,
-      preprocessing=model_config.preprocessing,
-      backbone_kwargs=_plain(model_config.backbone_kwargs),
-      frozen_bn=tuple(frozen_bn),
-      backbone_bn_inference=model_config.backbone_bn_inference,
-      dtype=DTYPES[model_config.dtype],
-  )
-
-
 def initialized(rng: jax.Array, model: ResDenseNet, image_size: int) -> dict:
   """Fresh {"params", "batch_stats"} (float32 params), jit-compiled so the init runs once through XLA."""
   x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
@@ -106,8 +81,6 @@ def load_pretrained(model: ResDenseNet, variables: dict, model_config) -> dict:
     return variables
   if model_config.pretrained != "imagenet":
     raise ValueError(f"config.model.pretrained must be 'imagenet' or 'none', got {model_config.pretrained!r}")
-  from resdense_jax import weights  # pylint: disable=g-import-not-at-top  (h5py only when needed)
-
   params = dict(variables["params"])
   batch_stats = dict(variables["batch_stats"])
   for name, backbone in model.backbone_modules().items():
@@ -128,23 +101,6 @@ def load_pretrained(model: ResDenseNet, variables: dict, model_config) -> dict:
 def _keras_name(backbone: str) -> str:
   return {"resnet": "ResNet", "densenet": "DenseNet"}[backbone.rstrip("0123456789")] + backbone.lstrip(
       "resnetdenst")
-
-
-# ----------------------------------------------------------------------------------------------- sharding
-
-
-def create_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A 1-D mesh with axis "data" over all devices."""
-  devices = np.asarray(devices if devices is not None else jax.devices())
-  return Mesh(devices.reshape(-1), ("data",))
-
-
-def replicated(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, P())
-
-
-def data_sharded(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, P("data"))
 
 
 # ------------------------------------------------------------------------------------------------- phases
@@ -196,8 +152,16 @@ def start_phase(state: TrainState, phase: Phase) -> TrainState:
   return state.replace(opt_state=phase.tx.init(state.params))
 
 
+def remat_policy(name: str):
+  """config.train.remat: "none" keeps every activation for the backward pass; "blocks" keeps only each block's
+  output (models.keras_layers.block_output) and recomputes the inside of a block during the backward pass."""
+  if name not in REMAT_POLICIES:
+    raise ValueError(f"config.train.remat must be one of {REMAT_POLICIES}, got {name!r}")
+  return None if name == "none" else jax.checkpoint_policies.save_only_these_names(REMAT_SAVED)
+
+
 def train_step(state: TrainState, batch: dict, *, model: ResDenseNet, tx: optax.GradientTransformation,
-               labels: Any, loss_fn: Callable) -> tuple[TrainState, dict]:
+               labels: Any, loss_fn: Callable, remat: str = "none") -> tuple[TrainState, dict]:
   """One optimizer step; only the trainable partition is differentiated, frozen weights are constants."""
   trainable, frozen = optim.split(state.params, labels)
   dropout_rng = jax.random.fold_in(state.rng, state.step)
@@ -208,16 +172,12 @@ def train_step(state: TrainState, batch: dict, *, model: ResDenseNet, tx: optax.
                                   rngs={"dropout": dropout_rng})
     return loss_fn(logits, batch["label"]), (logits, updated["batch_stats"])
 
+  if (policy := remat_policy(remat)) is not None:
+    loss_of = jax.checkpoint(loss_of, policy=policy)
   (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_of, has_aux=True)(trainable)
-  full_grads = optim.merge(grads, optim.zeros_for(frozen))
-  updates, opt_state = tx.update(full_grads, state.opt_state, state.params)
-  flat_updates, _ = optim.split(updates, labels)
-  # Frozen weights are carried over as they are (bitwise), never added to a zero update.
-  params = optim.merge(optax.apply_updates(trainable, flat_updates), frozen)
-  preds = (losses.covid_probability(logits) > 0.5).astype(jnp.int32)
-  metrics = {"loss": loss, "accuracy": jnp.mean(preds == batch["label"])}
+  params, opt_state = optim.apply_trainable_update(tx, state.params, labels, grads, state.opt_state)
   new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
-  return new_state, metrics
+  return new_state, losses.step_metrics(loss, logits, batch["label"])
 
 
 def eval_step(variables: dict, images: jax.Array, *, model: ResDenseNet) -> jax.Array:
@@ -258,144 +218,56 @@ def precise_batch_stats(state: TrainState, batches, *, stats_fn: Callable, batch
   inference-mode statistics change; the training trajectory of the parameters does not.
   `stats_fn`: compile_batch_statistics(model, mesh), compiled once per phase rather than per evaluation.
   """
-  from resdense_jax import data  # pylint: disable=g-import-not-at-top
-
   total, count = None, 0
   for batch in tqdm.tqdm(batches, total=num_batches, desc="precise BN", unit="batch", leave=False,
                          dynamic_ncols=True):
-    images = data.to_global_batch({"image": batch["image"]}, batch_sharding)["image"]
-    stats = stats_fn(state.variables, images)
-    total = stats if total is None else jax.tree.map(jnp.add, total, stats)
+    images = pipeline.to_global_batch({"image": batch["image"]}, batch_sharding)["image"]
+    # Differences from the moving statistics: a frozen layer adds exactly 0 and keeps its statistics bitwise
+    # (a plain sum / count of N equal values rounds).
+    delta = jax.tree.map(jnp.subtract, stats_fn(state.variables, images), state.batch_stats)
+    total = delta if total is None else jax.tree.map(jnp.add, total, delta)
     count += 1
     if count == num_batches:
       break
   if count == 0:
     raise ValueError("precise BatchNorm statistics need at least one training batch")
-  return state.replace(batch_stats=jax.tree.map(lambda s: s / count, total))
+  return state.replace(batch_stats=jax.tree.map(lambda old, d: old + d / count, state.batch_stats, total))
 
 
-def compile_train_step(phase: Phase, loss_fn: Callable, mesh: Mesh):
-  """train_step for this phase, jit-compiled with the state donated and replicated, the batch sharded."""
-  step = functools.partial(train_step, model=phase.model, tx=phase.tx, labels=phase.labels, loss_fn=loss_fn)
-  return jax.jit(step, in_shardings=(replicated(mesh), data_sharded(mesh)), out_shardings=replicated(mesh),
+def compile_train_step(phase: Phase, loss_fn: Callable, mesh: Mesh, *, remat: str = "none",
+                       state_shardings: Any = None):
+  """train_step for this phase, jit-compiled with the state donated, the batch sharded over "data".
+
+  `state_shardings`: a tree like the state (sharding.state_sharding: replicated, or FSDP); default replicated.
+  """
+  step = functools.partial(train_step, model=phase.model, tx=phase.tx, labels=phase.labels, loss_fn=loss_fn,
+                           remat=remat)
+  shardings = replicated(mesh) if state_shardings is None else state_shardings
+  return jax.jit(step, in_shardings=(shardings, data_sharded(mesh)), out_shardings=(shardings, replicated(mesh)),
                  donate_argnums=0)
 
 
-def compile_eval_step(model: ResDenseNet, mesh: Mesh):
+def compile_eval_step(model: ResDenseNet, mesh: Mesh, *, variables_shardings: Any = None):
+  """eval_step jit-compiled; one program per image shape (evaluation pads its last batch, so one per run)."""
   step = functools.partial(eval_step, model=model)
-  return jax.jit(step, in_shardings=(replicated(mesh), data_sharded(mesh)), out_shardings=replicated(mesh))
+  shardings = replicated(mesh) if variables_shardings is None else variables_shardings
+  return jax.jit(step, in_shardings=(shardings, data_sharded(mesh)), out_shardings=replicated(mesh))
 
 
-# ------------------------------------------------------------------------------------------------ logging
-
-
-class MetricWriter:
-  """metrics.jsonl (one JSON per evaluation) and TensorBoard events (tensorboardX, no TensorFlow).
-
-  Every process computes the same metrics; only process 0 writes them (the others' writer does nothing).
-  """
-
-  def __init__(self, workdir: pathlib.Path, *, resume_step: int | None):
-    self.path = workdir / "metrics.jsonl"
-    self.tb = None
-    if jax.process_index() != 0:
-      return
-    if resume_step is not None and self.path.exists():
-      self._truncate_after(resume_step)
-    elif resume_step is None and self.path.exists():
-      self.path.unlink()  # a fresh run in a workdir without checkpoints
-    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-    self.tb = SummaryWriter(str(workdir / "tensorboard"))
-
-  def _truncate_after(self, step: int) -> None:
-    """Drop records a killed run wrote after its latest checkpoint: the resumed run writes them again."""
-    kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    tmp = self.path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, self.path)
-
-  def write(self, record: dict) -> None:
-    if self.tb is None:
-      return
-    with self.path.open("a") as f:
-      f.write(json.dumps(record) + "\n")
-    for key, value in record.items():
-      if isinstance(value, (int, float)) and key not in ("step", "epoch", "phase"):
-        self.tb.add_scalar(key, value, record["step"])
-    self.tb.flush()
-
-  def write_scalars(self, scalars: dict, step: int) -> None:
-    if self.tb is None:
-      return
-    for key, value in scalars.items():
-      self.tb.add_scalar(key, value, step)
-
-  def close(self) -> None:
-    if self.tb is not None:
-      self.tb.close()
-
-
-def _summary_line(record: dict) -> str:
-  return (f"[{record['phase_name']} epoch {record['epoch']} step {record['step']}] "
-          f"train_loss {record['train_loss']:.4f}  val scan macro-F1 {record['val_scan_macro_f1']:.4f}  "
-          f"F1 covid {record['val_scan_f1_covid']:.4f} non-covid {record['val_scan_f1_noncovid']:.4f}  "
-          f"acc {record['val_scan_accuracy']:.4f}  AUC {record['val_scan_auc']:.4f}  "
-          f"slice acc {record['val_slice_accuracy']:.4f}")
+def compiled_with_progress(step_fn, what: str, *args):
+  """Ahead-of-time compiles `step_fn` for `args`, saying what compiles and how long it took (with the
+  persistent compilation cache warm a second run reads the program back instead)."""
+  tqdm.tqdm.write(f"compiling {what} ...")
+  start = time.perf_counter()
+  lowered = step_fn.lower(*args)
+  traced = time.perf_counter()
+  compiled = lowered.compile()
+  tqdm.tqdm.write(f"compiled {what} in {time.perf_counter() - start:.1f} s (trace {traced - start:.1f} s, "
+                  f"compile {time.perf_counter() - traced:.1f} s)")
+  return compiled
 
 
 # ------------------------------------------------------------------------------------------------ the loop
-
-
-def resolve_data_root(config, workdir: pathlib.Path) -> pathlib.Path:
-  """The collection's root: config.data.root, or the synthetic collection generated into the workdir
-  (by process 0; with several processes the workdir must be shared, as orbax's checkpoints need anyway)."""
-  from resdense_jax import data  # pylint: disable=g-import-not-at-top
-
-  if config.data.synthetic:
-    root = workdir / "synthetic_ct"
-    if jax.process_index() == 0 and not (root / ".complete").exists():
-      data.synthetic.write_collection(root, num_scans=_plain(config.data.synthetic_scans),
-                                      slice_size=config.data.synthetic_slice_size,
-                                      num_slices=tuple(config.data.synthetic_num_slices), seed=config.seed)
-      (root / ".complete").write_text("written by resdense_jax.train\n")
-    if jax.process_count() > 1:
-      multihost_utils.sync_global_devices("resdense_jax synthetic collection written")
-    return root
-  if not config.data.root:
-    raise ValueError(
-        "no data: set --config.data.root=/path/to/COV19-CT-DB (folders train/{covid,non-covid}/<scan>/*.jpg and "
-        "validation/...). COV19-CT-DB is distributed by the MIA-COV19D / ECCV-AIMIA organisers on request "
-        "(https://mlearn.lincoln.ac.uk/), or run --config=configs/demo.py to train on a synthetic collection.")
-  root = pathlib.Path(config.data.root).expanduser()
-  if not root.is_dir():
-    raise FileNotFoundError(
-        f"{root}: no such folder. Point --config.data.root at the COV19-CT-DB root (with train/ and "
-        "validation/ inside); the database is distributed by the MIA-COV19D organisers on request.")
-  return root
-
-
-def data_sources(config, workdir: pathlib.Path):
-  """(train, validation) slice sources: a prepared TFDS copy (config.data.prepared_dir) or the raw scan folders."""
-  from resdense_jax import data  # pylint: disable=g-import-not-at-top
-
-  if config.data.get("prepared_dir"):
-    # Written by `python -m resdense_jax.data.prepare`, which already split by scan.
-    return tuple(data.PreparedData(config.data.prepared_dir, split, image_size=config.data.image_size)
-                 for split in ("train", "validation"))
-  collection = data.discover(resolve_data_root(config, workdir), val_fraction=config.data.val_fraction,
-                             seed=config.seed)
-  return data.RawScans(collection.train), data.RawScans(collection.validation)
-
-
-def precise_bn_batches(train_source, config, step: int):
-  """Un-augmented, shuffled training batches for precise_batch_stats: the inputs look like evaluation's
-  (no rotation corners), and they are drawn afresh from (seed, step), so a resumed run draws the same."""
-  from resdense_jax import data  # pylint: disable=g-import-not-at-top
-
-  return iter(data.train_pipeline(train_source, image_size=config.data.image_size,
-                                  batch_size=config.train.batch_size, seed=config.seed + 1 + step,
-                                  num_epochs=None, augment=False, middle_fraction=config.data.middle_fraction,
-                                  num_workers=0))
 
 
 def save_resolved_config(config, workdir: pathlib.Path) -> None:
@@ -412,16 +284,14 @@ def setup_run(config, workdir: pathlib.Path):
 
   Checks the batch sizes against the devices, finds the data and writes the resolved config.json.
   """
-  from resdense_jax import data  # pylint: disable=g-import-not-at-top
-
   workdir.mkdir(parents=True, exist_ok=True)
   devices = len(jax.devices())
   if config.train.batch_size % devices or config.eval.batch_size % devices:
     raise ValueError(f"train/eval batch sizes ({config.train.batch_size}, {config.eval.batch_size}) must divide "
                      f"evenly over the {devices} devices")
-  train_source, val_source = data_sources(config, workdir)
-  steps_per_epoch = data.steps_per_epoch(train_source, config.train.batch_size,
-                                         middle_fraction=config.data.middle_fraction)
+  train_source, val_source = sources.data_sources(config, workdir)
+  steps_per_epoch = pipeline.steps_per_epoch(train_source, config.train.batch_size,
+                                             middle_fraction=config.data.middle_fraction)
   plan = plan_phases(config, steps_per_epoch)
   save_resolved_config(config, workdir)
   return train_source, val_source, steps_per_epoch, plan
@@ -453,14 +323,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   `max_steps`: stop this call after that many steps (a preemption budget; the next call resumes).
   Returns the last evaluation record plus "best_val_scan_macro_f1" and "best_step".
   """
-  from resdense_jax import data  # pylint: disable=g-import-not-at-top
-
+  compilation_cache.enable(config.get("compilation_cache_dir", compilation_cache.DEFAULT_DIR))
   workdir = pathlib.Path(workdir)
   mesh = create_mesh()
   batch_size = config.train.batch_size
   train_source, val_source, steps_per_epoch, plan = setup_run(config, workdir)
   total_steps = plan[-1][3]
   eval_every = steps_per_epoch * config.train.eval_every_epochs
+  remat = config.train.get("remat", "none")
+  remat_policy(remat)  # a misspelt policy fails here, not after the first phase
 
   model = create_model(config.model)
   # Initial weights from the RBG generator: the init program compiles ~3x faster on CPU than with threefry
@@ -468,7 +339,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   init_rng = jax.random.key(config.seed, impl="rbg")
   state_rng = jax.random.split(jax.random.PRNGKey(config.seed))[1]
   variables = initialized(init_rng, model, config.data.image_size)
-  train_iter = iter(data.train_pipeline(
+  train_iter = iter(pipeline.train_pipeline(
       train_source, image_size=config.data.image_size, batch_size=batch_size, seed=config.seed,
       num_epochs=None, augment=config.data.augment, rotation_factor=config.data.rotation_factor,
       middle_fraction=config.data.middle_fraction, num_workers=config.data.num_workers))
@@ -487,53 +358,98 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     template = create_train_state(state_rng, variables, phase)
     state, train_iter = checkpoints.restore(manager, latest, template, train_iter)
     print(f"resumed from {manager.directory} step {latest} (phase {phase.name})", flush=True)
-  state = jax.device_put(state, replicated(mesh))
+  fsdp = bool(config.train.get("fsdp", False))
+  state = jax.device_put(state, state_sharding(state, mesh, fsdp=fsdp))
   writer = MetricWriter(workdir, resume_step=latest)
   loss_fn = losses.get_loss(config.train.loss)
   batch_sharding = data_sharded(mesh)
+  # The next batches are decoded and on their way to the devices while the current step runs.
+  batches = prefetch.DevicePrefetcher(train_iter, batch_sharding, size=int(config.data.get("prefetch", 2)))
   precise_bn = int(config.train.get("precise_bn_batches", 0))
+  cache_views, cache = int(config.train.get("cache_frozen_features", 0)), None
 
   step = int(state.step)
   stop = total_steps if max_steps is None else min(total_steps, step + max_steps)
   loss_sum, loss_count = float(meta["loss_sum"]), int(meta["loss_count"])
   record: dict = {}
-  compiled_phase, step_fn = None, None
+  compiled_phase, step_fn, eval_fn, previous_loss = None, None, None, None
+  period_start, period_wait, period_compile, period_steps = time.perf_counter(), batches.wait_s, 0.0, 0
   progress = tqdm.tqdm(total=stop, initial=step, desc="train", unit="step", dynamic_ncols=True)
-  while step < stop:
-    if step >= phase.end_step:
-      phase = create_phase(phase.index + 1, plan, config, state.params)
-      state = start_phase(state, phase)
-    if compiled_phase is not phase:
-      step_fn, compiled_phase = compile_train_step(phase, loss_fn, mesh), phase
-      eval_fn = compile_eval_step(phase.model, mesh)
-      stats_fn = compile_batch_statistics(phase.model, mesh) if precise_bn else None
-      progress.set_description(f"train [{phase.name}]")
-    batch = data.to_global_batch(next(train_iter), batch_sharding)
-    state, step_metrics = step_fn(state, batch)
-    step += 1
-    loss_sum = loss_sum + step_metrics["loss"]  # stays on device: no host sync per step
-    loss_count += 1
-    progress.update(1)
-    if step % config.train.log_every_steps == 0:
-      progress.set_postfix(loss=f"{float(loss_sum) / max(loss_count, 1):.4f}")
-      writer.write_scalars({"train_step_loss": float(step_metrics["loss"])}, step)
-    metrics = None
-    if step % eval_every == 0 or step == total_steps:
-      if precise_bn:
-        state = precise_batch_stats(state, precise_bn_batches(train_source, config, step), stats_fn=stats_fn,
-                                    batch_sharding=batch_sharding, num_batches=precise_bn)
-      results = evaluate.evaluate(eval_fn, state.variables, val_source, config, batch_sharding)
-      record = {"step": step, "epoch": -(-step // steps_per_epoch), "phase": phase.index,
-                "phase_name": phase.name, "train_loss": float(loss_sum) / max(loss_count, 1),
-                **{f"val_{k}": v for k, v in results.items()}}
-      writer.write(record)
-      tqdm.tqdm.write(_summary_line(record))
-      metrics = {config.eval.best_metric: record[config.eval.best_metric]}
-      loss_sum, loss_count = 0.0, 0
-    every = config.train.checkpoint_every_steps
-    if metrics is not None or (every and step % every == 0) or step == stop:
-      meta = {"step": step, "phase": phase.index, "loss_sum": float(loss_sum), "loss_count": loss_count}
-      checkpoints.save(manager, step, state, train_iter, meta, metrics=metrics)
+  try:
+    while step < stop:
+      if step >= phase.end_step:
+        phase = create_phase(phase.index + 1, plan, config, state.params)
+        state = start_phase(state, phase)
+        cache = None  # frees the features of the phase before
+      if compiled_phase is not phase:
+        shardings = state_sharding(state, mesh, fsdp=fsdp)
+        if cache_views and feature_cache.applies(phase.model, phase.labels):
+          # Backbones frozen: their features of `cache_views` augmented views per slice, computed once; this
+          # phase then trains the head alone and reads no batch from the pipeline.
+          cache = feature_cache.build_from_config(config, train_source, state.variables, model=phase.model,
+                                                  labels=phase.labels, mesh=mesh)
+          step_builder = feature_cache.compile_head_step(phase, loss_fn, mesh, state_shardings=shardings)
+          what = f"the head step of phase {phase.name!r} (cached backbone features)"
+        else:
+          step_builder = compile_train_step(phase, loss_fn, mesh, remat=remat, state_shardings=shardings)
+          what = f"the train step of phase {phase.name!r}"
+      batch = cache.global_batch(step - phase.start_step, batch_sharding) if cache else next(batches)
+      if compiled_phase is not phase:
+        compile_start = time.perf_counter()
+        step_fn = compiled_with_progress(step_builder, what, state, batch)
+        # PreciseBN changes nothing while no BatchNorm trains (backbones frozen, e.g. phase 1): skipped there.
+        bn_trains = not feature_cache.applies(phase.model, phase.labels)
+        stats_fn = compile_batch_statistics(phase.model, mesh) if precise_bn and bn_trains else None
+        compiled_phase = phase
+        period_compile += time.perf_counter() - compile_start
+        progress.set_description(f"train [{phase.name}]")
+      state, step_metrics = step_fn(state, batch)
+      # Backpressure, not a sync: the host waits for the step before this one, so the device always has the
+      # current step queued while the host fetches the next batch, and the loop never runs far ahead of it
+      # (then time blocked in next(batches) is time the device would idle for data).
+      if previous_loss is not None:
+        previous_loss.block_until_ready()
+      previous_loss = step_metrics["loss"]
+      step += 1
+      period_steps += 1
+      loss_sum = loss_sum + step_metrics["loss"]  # stays on device: no host sync per step
+      loss_count += 1
+      progress.update(1)
+      if step % config.train.log_every_steps == 0:
+        progress.set_postfix(loss=f"{float(loss_sum) / max(loss_count, 1):.4f}")
+        writer.write_scalars({"train_step_loss": float(step_metrics["loss"])}, step)
+      metrics = None
+      if step % eval_every == 0 or step == total_steps:
+        jax.block_until_ready(state)
+        elapsed = time.perf_counter() - period_start - period_compile
+        waited = batches.wait_s - period_wait
+        if stats_fn is not None:
+          state = precise_batch_stats(state, sources.precise_bn_batches(train_source, config, step),
+                                      stats_fn=stats_fn, batch_sharding=batch_sharding, num_batches=precise_bn)
+        if eval_fn is None:  # inference ignores the phases' frozen BatchNorms: one program for the whole run
+          eval_fn = compile_eval_step(model, mesh, variables_shardings=state_sharding(state.variables, mesh,
+                                                                                      fsdp=fsdp))
+        results = evaluate.evaluate(eval_fn, state.variables, val_source, config, batch_sharding)
+        record = {"step": step, "epoch": -(-step // steps_per_epoch), "phase": phase.index,
+                  "phase_name": phase.name, "train_loss": float(loss_sum) / max(loss_count, 1),
+                  **{f"val_{k}": v for k, v in results.items()},
+                  # Timing of the steps since the last evaluation, compiles excluded (TIMING_FIELDS: they
+                  # differ between otherwise identical runs). data_wait_fraction: the share of that time the
+                  # loop waited for a batch, 0 when the loader keeps up.
+                  "train_images_per_s": period_steps * batch_size / max(elapsed, 1e-9),
+                  "data_wait_fraction": min(1.0, waited / max(elapsed, 1e-9))}
+        writer.write(record)
+        tqdm.tqdm.write(summary_line(record))
+        metrics = {config.eval.best_metric: record[config.eval.best_metric]}
+        loss_sum, loss_count = 0.0, 0
+      every = config.train.checkpoint_every_steps
+      if metrics is not None or (every and step % every == 0) or step == stop:
+        meta = {"step": step, "phase": phase.index, "loss_sum": float(loss_sum), "loss_count": loss_count}
+        checkpoints.save(manager, step, state, batches, meta, metrics=metrics)
+      if metrics is not None:
+        period_start, period_wait, period_compile, period_steps = time.perf_counter(), batches.wait_s, 0.0, 0
+  finally:
+    batches.close()
   progress.close()
   manager.wait_until_finished()
   writer.close()

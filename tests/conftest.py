@@ -19,6 +19,8 @@ SHARED_DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "d
 # no test's behaviour depends on which other test module happened to be imported first.
 XLA_CACHE_DIR = tempfile.mkdtemp(prefix="resdense_jax_test_xla_")
 jax.config.update("jax_compilation_cache_dir", XLA_CACHE_DIR)
+# Command lines run in subprocesses use it too, instead of the library's default folder in the home directory.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", XLA_CACHE_DIR)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 

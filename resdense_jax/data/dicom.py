@@ -13,8 +13,8 @@ import numpy as np
 import pydicom
 import pydicom.errors
 
-from resdense_jax.data.scans import (DEFAULT_WINDOW, DICOM_SUFFIXES, ScanError, SliceError,
-                                     is_image, is_nifti, natural_key, warn, window_to_uint8)
+from resdense_jax.data.common import (DEFAULT_WINDOW, DICOM_SUFFIXES, ScanError, SliceError,
+                                      is_image, is_nifti, natural_key, warn, window_to_uint8)
 
 
 def is_dicom_file(path: Path) -> bool:

@@ -7,7 +7,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from resdense_jax.data.scans import ScanError
+from resdense_jax.data.common import ScanError
 
 
 def canonical_to_slices(data: np.ndarray) -> np.ndarray:

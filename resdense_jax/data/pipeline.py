@@ -19,9 +19,10 @@ import cv2
 import grain
 import jax
 import numpy as np
+from absl import flags
 from tqdm import tqdm
 
-from resdense_jax.data import augment
+from resdense_jax.data import augment, dicom, nifti
 from resdense_jax.data.scans import (ScanError, ScanRef, SliceError, read_image_slice, read_scan,
                                      scan_files, warn)
 
@@ -81,8 +82,6 @@ class RawScans:
   """Slices of raw scans (image folders, DICOM series, NIfTI volumes) as a `SliceSource`."""
 
   def __init__(self, scans: Sequence[ScanRef], *, progress: bool = True):
-    from resdense_jax.data import dicom, nifti
-
     self.scans = list(scans)
     if not self.scans:
       raise ScanError(Path("."), "empty list of scans given to the pipeline")
@@ -106,8 +105,6 @@ class RawScans:
 
   def load(self, scan_index: int, slice_index: int) -> np.ndarray:
     """uint8 `[h, w]`; raises SliceError for an unreadable slice."""
-    from resdense_jax.data import dicom
-
     kind, files = self._kinds[scan_index], self._files[scan_index]
     if kind == "images":
       return read_image_slice(files[slice_index])
@@ -329,7 +326,6 @@ def _read_options(threads: int) -> grain.ReadOptions:
 
 def _maybe_workers(ds: grain.IterDataset, num_workers: int) -> grain.IterDataset:
   if num_workers > 0:
-    from absl import flags
     if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside absl.app
       flags.FLAGS.mark_as_parsed()  # (notebooks, pytest) they would still be unparsed.
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))

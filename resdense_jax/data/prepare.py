@@ -18,6 +18,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 import tensorflow_datasets as tfds
+from absl import app, flags
+from tqdm import tqdm
 
 from resdense_jax.data import augment
 from resdense_jax.data.discover import discover
@@ -136,7 +138,6 @@ class Cov19CtDb(tfds.core.GeneratorBasedBuilder):
     stride = 2 ** 120 // max(len(refs), 1)  # Keys spread over TFDS's sort buckets, in order.
     scans_iter = self._scans(refs)
     if self._progress:
-      from tqdm import tqdm
       scans_iter = tqdm(scans_iter, total=len(refs), desc=f"preparing {split} scans")
     for position, (ref, (encoded, bad, error)) in enumerate(zip(refs, scans_iter)):
       if error is not None:
@@ -265,7 +266,6 @@ class PreparedData:
 
 def main(argv):
   del argv
-  from absl import flags
   f = flags.FLAGS
   path = prepare_dataset(f.source, f.out, image_size=f.image_size, encoding=f.encoding,
                  jpeg_quality=f.jpeg_quality, val_fraction=f.val_fraction, seed=f.seed,
@@ -280,7 +280,6 @@ def main(argv):
 
 
 def _define_flags():
-  from absl import flags
   flags.DEFINE_string("source", None, "Scan collection (COV19-CT-DB layout).", required=True)
   flags.DEFINE_string("out", None, "TFDS data_dir to write the prepared dataset to.", required=True)
   flags.DEFINE_integer("image_size", 256, "Slices are resized to image_size x image_size.")
@@ -292,6 +291,5 @@ def _define_flags():
 
 
 if __name__ == "__main__":
-  from absl import app
   _define_flags()
   app.run(main)

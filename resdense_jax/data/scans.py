@@ -9,35 +9,24 @@ Hounsfield units are mapped to uint8 through a window (centre, width), the lung 
 from __future__ import annotations
 
 import dataclasses
-import re
-import warnings
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"})
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
-DICOM_SUFFIXES = frozenset({".dcm", ".dicom", ".ima"})
-# Lung window: centre -600 HU, width 1500 HU.
-DEFAULT_WINDOW = (-600.0, 1500.0)
+from resdense_jax.data import dicom, nifti
+# Re-exported: `data.scans` is where callers have always found these.
+from resdense_jax.data.common import (DEFAULT_WINDOW, DICOM_SUFFIXES, IMAGE_SUFFIXES, NIFTI_SUFFIXES,
+                                      DataWarning, ScanError, SliceError, is_image, is_nifti, natural_key,
+                                      uint8_to_hu, warn, window_to_uint8)
+
 LABELS = {0: "non-covid", 1: "covid"}
 
-
-class ScanError(ValueError):
-  """A scan, slice or collection that cannot be used; the message names the path."""
-
-  def __init__(self, path, problem: str):
-    self.path = Path(path)
-    super().__init__(f"{path}: {problem}")
-
-
-class SliceError(ScanError):
-  """One unreadable slice; pipelines skip it and count it instead of stopping."""
-
-
-class DataWarning(UserWarning):
-  """Something in the data was skipped (a stray file, a bad slice); names the path."""
+__all__ = [
+    "DEFAULT_WINDOW", "DICOM_SUFFIXES", "IMAGE_SUFFIXES", "LABELS", "NIFTI_SUFFIXES", "DataWarning", "Scan",
+    "ScanError", "ScanRef", "SliceError", "is_image", "is_nifti", "natural_key", "read_image_folder",
+    "read_image_slice", "read_scan", "scan_files", "uint8_to_hu", "warn", "window_to_uint8",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,38 +51,6 @@ class Scan:
   skipped: tuple[str, ...] = ()
 
 
-def warn(message: str) -> None:
-  warnings.warn(message, DataWarning, stacklevel=3)
-
-
-def window_to_uint8(hu: np.ndarray, window=DEFAULT_WINDOW) -> np.ndarray:
-  """Maps Hounsfield units linearly from [centre - width/2, centre + width/2] onto 0..255."""
-  centre, width = window
-  low = centre - width / 2.0
-  scaled = (np.asarray(hu, np.float32) - low) * (255.0 / width)
-  return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
-
-
-def uint8_to_hu(pixels: np.ndarray, window=DEFAULT_WINDOW) -> np.ndarray:
-  """The inverse of `window_to_uint8` (exact on 0..255 up to rounding), as float32 HU."""
-  centre, width = window
-  return (np.asarray(pixels, np.float32) * (width / 255.0) + centre - width / 2.0)
-
-
-def natural_key(name: str):
-  """Sort key putting '2.jpg' before '10.jpg' (COV19-CT-DB numbers its slices 0, 1, ...)."""
-  return tuple((0, int(part), "") if part.isdigit() else (1, 0, part.lower())
-               for part in re.split(r"(\d+)", name) if part)
-
-
-def is_nifti(path: Path) -> bool:
-  return path.name.lower().endswith(NIFTI_SUFFIXES)
-
-
-def is_image(path: Path) -> bool:
-  return path.suffix.lower() in IMAGE_SUFFIXES
-
-
 def _scan_id_of(path: Path) -> str:
   name = path.name
   for suffix in (".nii.gz", ".nii"):
@@ -108,8 +65,6 @@ def scan_files(folder: Path) -> tuple[str, list[Path]]:
   Returns ("images", files in natural order), ("dicom", files, unordered) or ("nifti", [file]).
   Stray files are skipped with a warning naming them; an empty folder is an error.
   """
-  from resdense_jax.data import dicom  # Local: pydicom is only needed for DICOM folders.
-
   folder = Path(folder)
   if not folder.is_dir():
     raise ScanError(folder, "not a folder, a NIfTI file or anything else readable as a scan")
@@ -200,10 +155,8 @@ def read_scan(path, *, window=DEFAULT_WINDOW, scan_id: str | None = None,
   if kind == "images":
     slices, skipped = read_image_folder(path, files)
   elif kind == "dicom":
-    from resdense_jax.data import dicom
     slices, skipped = dicom.read_dicom_series(path, files, window=window)
   else:
-    from resdense_jax.data import nifti
     slices = window_to_uint8(nifti.read_nifti_hu(files[0]), window)
   return Scan(slices=np.ascontiguousarray(slices), scan_id=scan_id or _scan_id_of(path),
               label=label, path=path, skipped=skipped)

@@ -24,7 +24,10 @@ import tempfile
 from pathlib import Path
 
 import cv2
+import nibabel as nib
 import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from tqdm import tqdm
 
 from resdense_jax.data.scans import DEFAULT_WINDOW, Scan, uint8_to_hu, window_to_uint8
@@ -502,9 +505,6 @@ def write_dicom_series(scan: Scan, folder, *, window=DEFAULT_WINDOW, pixel_spaci
   order by position. `transfer_syntax`: a pydicom UID to compress with (e.g. RLELossless,
   JPEG2000Lossless); default uncompressed Explicit VR Little Endian.
   """
-  from pydicom.dataset import Dataset, FileMetaDataset
-  from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
-
   folder = Path(folder)
   folder.mkdir(parents=True, exist_ok=True)
   series_uid = series_uid or generate_uid()
@@ -547,8 +547,6 @@ def write_nifti(scan: Scan, file, *, window=DEFAULT_WINDOW, voxel_size=(0.7, 0.7
 
   Voxel axes are laid out so that a reader reorienting to RAS+ gets `scan.slices` back.
   """
-  import nibabel as nib
-
   file = Path(file)
   hu = np.rint(uint8_to_hu(scan.slices, window)).astype(np.int16)
   ras = np.ascontiguousarray(hu[:, ::-1, ::-1].transpose(2, 1, 0))  # Inverse of the reader.

@@ -24,7 +24,7 @@ def conv_block(module: nn.Module, x: jax.Array, growth_rate: int, name: str, tra
   y = kl.conv(module, y, 4 * growth_rate, 1, f"{name}_1_conv", use_bias=False)
   y = kl.batch_norm(module, y, f"{name}_1_bn", train)
   y = kl.relu(y, f"{name}_1_relu")
-  y = kl.conv(module, y, growth_rate, 3, f"{name}_2_conv", padding="SAME", use_bias=False)
+  y = kl.block_output(kl.conv(module, y, growth_rate, 3, f"{name}_2_conv", padding="SAME", use_bias=False))
   return kl.concatenate([x, y], f"{name}_concat")
 
 
@@ -39,7 +39,7 @@ def transition_block(module: nn.Module, x: jax.Array, reduction: float, name: st
   x = kl.batch_norm(module, x, f"{name}_bn", train)
   x = kl.relu(x, f"{name}_relu")
   x = kl.conv(module, x, int(x.shape[-1] * reduction), 1, f"{name}_conv", use_bias=False)
-  return kl.avg_pool(x, 2, 2, f"{name}_pool")
+  return kl.block_output(kl.avg_pool(x, 2, 2, f"{name}_pool"))
 
 
 class DenseNet(kl.KerasApplication):

@@ -17,10 +17,19 @@ from typing import Any, Iterator, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 # Keras applications use this epsilon for every BatchNormalization; momentum 0.99 is the Keras default.
 BN_EPSILON = 1.001e-5
 BN_MOMENTUM = 0.99
+# What `config.train.remat="blocks"` keeps from the forward pass: each residual block's output and each dense
+# block's new channels (not the growing concatenation); everything inside a block is recomputed.
+REMAT_SAVED = "block_output"
+
+
+def block_output(x: jax.Array) -> jax.Array:
+  """Marks a block's output for the "blocks" rematerialisation policy (an identity otherwise)."""
+  return checkpoint_name(x, REMAT_SAVED)
 
 VariablePath = tuple[str, ...]
 

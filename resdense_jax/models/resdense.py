@@ -7,9 +7,13 @@
                global average pooling (or GeM with learnable p, eq. 3, "gem_pool") -- Dropout(0.2) --
                Dense "predictions" -> logits (1 for sigmoid, or num_classes for softmax)
 
-Each backbone is any entry of `models.BACKBONES`, built headless (include_top=False, pooling=None) under its
+Each backbone is any entry of `BACKBONES`, built headless (include_top=False, pooling=None) under its
 own name, so Keras ImageNet weights load into `params[<backbone>]` with `weights.load_keras`. One backbone
 gives the single-backbone baseline with the same head.
+
+The model also runs in two halves on the same variables (resdense_jax/feature_cache.py trains the head on
+cached backbone features): `backbone_features` (preprocessing and backbones only) and `head` (fusion convs to
+logits) compose to `__call__`.
 """
 
 from __future__ import annotations
@@ -20,11 +24,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-# Module import (not names): works whichever order models/__init__.py imports this file in.
-from resdense_jax import models
+from resdense_jax.models.backbones import BACKBONES, PREPROCESSING_MODE
+from resdense_jax.models.preprocessing import preprocess_input
 
 PREPROCESSING = ("keras", "authors")
 POOLING = ("avg", "gem")
+PARTS = ("all", "backbones", "head")
 
 
 class GeMPool(nn.Module):
@@ -47,8 +52,14 @@ class GeMPool(nn.Module):
 class ResDenseNet(nn.Module):
   """Res-Dense Net. `__call__(x, train)` takes raw RGB [0, 255] NHWC and returns float32 logits.
 
+  The two halves, with the same variables and parameter paths as `__call__`:
+    model.apply(variables, x, train, method="backbone_features") -> {backbone name: final feature map}
+    model.apply(variables, features, train, method="head", rngs=...) -> logits
+  so that `head(backbone_features(x))` is `__call__(x)` (the same dropout key reaches the same "dropout"
+  module). `backbone_features` needs `mutable=["batch_stats"]` when a backbone BatchNorm trains.
+
   Attributes:
-    backbones: names in models.BACKBONES; one name gives the single-backbone baseline.
+    backbones: names in BACKBONES; one name gives the single-backbone baseline.
     fusion_filters / fusion_kernel: the Conv2D each branch's final feature map goes through (same width).
     fusion_activation: None (linear, default) or "relu" after each fusion conv.
     pooling: "avg" (global average) or "gem" (generalized mean, learnable p).
@@ -77,8 +88,8 @@ class ResDenseNet(nn.Module):
 
   def backbone_config(self, name: str) -> dict:
     """Constructor arguments of backbone `name` (headless, this model's dtypes and frozen BatchNorms)."""
-    if name not in models.BACKBONES:
-      raise ValueError(f"unknown backbone {name!r}; choose from {sorted(models.BACKBONES)}")
+    if name not in BACKBONES:
+      raise ValueError(f"unknown backbone {name!r}; choose from {sorted(BACKBONES)}")
     kwargs = dict((self.backbone_kwargs or {}).get(name, {}))
     kwargs.update(include_top=False, pooling=None, dtype=self.dtype, param_dtype=self.param_dtype,
                   frozen_bn=tuple(dict(self.frozen_bn).get(name, ())))
@@ -86,7 +97,7 @@ class ResDenseNet(nn.Module):
 
   def backbone_modules(self) -> dict[str, nn.Module]:
     """Unbound copies of the backbones (for keras_layers() and weight loading), by sub-tree name."""
-    return {name: models.BACKBONES[name](**self.backbone_config(name), parent=None) for name in self.backbones}
+    return {name: BACKBONES[name](**self.backbone_config(name), parent=None) for name in self.backbones}
 
   def keras_layers(self) -> dict[str, list]:
     """Each backbone's Keras layer list (Keras `model.layers` order), by sub-tree name."""
@@ -96,20 +107,44 @@ class ResDenseNet(nn.Module):
     """Raw RGB [0, 255] -> the input this backbone's ImageNet weights expect."""
     x = x.astype(jnp.float32)
     if self.preprocessing == "keras":
-      return models.preprocess_input(x, models.PREPROCESSING_MODE[backbone])
+      return preprocess_input(x, PREPROCESSING_MODE[backbone])
     if self.preprocessing == "authors":
-      return models.preprocess_input(x, "caffe") / 127.5 - 1.0
+      return preprocess_input(x, "caffe") / 127.5 - 1.0
     raise ValueError(f"unknown preprocessing {self.preprocessing!r}; choose one of {PREPROCESSING}")
 
+  def backbone_features(self, x, train: bool = False) -> dict[str, jax.Array]:
+    """{backbone name: its final feature map} of raw RGB `x`, exactly what `__call__` feeds the fusion convs."""
+    return self(x, train, part="backbones")
+
+  def head(self, features: Mapping[str, jax.Array], train: bool = False) -> jax.Array:
+    """Logits from `backbone_features`' output: fusion convs, optional relu, add, pooling, dropout, Dense."""
+    return self(features, train, part="head")
+
   @nn.compact
-  def __call__(self, x, train: bool = False):
+  def __call__(self, x, train: bool = False, *, part: str = "all"):
+    """`part`: "all" (raw RGB to logits), "backbones" (see backbone_features) or "head" (see head).
+
+    One compact method builds every submodule under its one name whatever the part, so the halves share the
+    variables tree; "all" traces the same ops in the same order as before the split (a test holds the jaxpr).
+    """
     if len(set(self.backbones)) != len(self.backbones) or not self.backbones:
       raise ValueError(f"backbones must be one or more distinct names, got {tuple(self.backbones)}")
+    if part not in PARTS:
+      raise ValueError(f"unknown part {part!r}; choose one of {PARTS}")
+    if part == "head" and set(x) != set(self.backbones):
+      raise ValueError(f"head: the features must have one entry per backbone {tuple(self.backbones)}, "
+                       f"got {tuple(x)}")
     backbone_train = train and not self.backbone_bn_inference
-    branches = []
+    branches, feature_maps = [], {}
     for name in self.backbones:
-      features = models.BACKBONES[name](**self.backbone_config(name), name=name)(self.preprocess(x, name),
-                                                                          train=backbone_train)
+      if part == "head":
+        features = x[name]
+      else:
+        features = BACKBONES[name](**self.backbone_config(name), name=name)(self.preprocess(x, name),
+                                                                            train=backbone_train)
+        if part == "backbones":
+          feature_maps[name] = features
+          continue
       features = nn.Conv(self.fusion_filters, (self.fusion_kernel, self.fusion_kernel), padding="SAME",
                          dtype=self.dtype, param_dtype=self.param_dtype, name=f"{name}_fusion_conv")(features)
       if self.fusion_activation == "relu":
@@ -117,6 +152,8 @@ class ResDenseNet(nn.Module):
       elif self.fusion_activation is not None:
         raise ValueError(f"unknown fusion_activation {self.fusion_activation!r}; choose None or 'relu'")
       branches.append(features)
+    if part == "backbones":
+      return feature_maps
     if len({b.shape for b in branches}) != 1:
       raise ValueError(f"the backbones' feature maps must have the same size to be added, got "
                        f"{[b.shape for b in branches]} for {tuple(self.backbones)}")

@@ -35,7 +35,7 @@ def residual_block(module: nn.Module, x: jax.Array, filters: int, name: str, tra
     y = kl.conv(module, y, 4 * filters, 1, f"{name}_3_conv")
   y = kl.batch_norm(module, y, f"{name}_3_bn", train)
   y = kl.add([shortcut, y], f"{name}_add")
-  return kl.relu(y, f"{name}_out")
+  return kl.block_output(kl.relu(y, f"{name}_out"))
 
 
 def residual_stack(module: nn.Module, x: jax.Array, filters: int, blocks: int, name: str, train: bool, *,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from resdense_jax import models
 from resdense_jax.weights import checkpoint, download, loader, registry
 from resdense_jax.weights.errors import WeightsError
 
@@ -25,11 +26,10 @@ def _list(args: argparse.Namespace) -> None:
   widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
   for row in rows:
     print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
-  print(f"\ncache: {cache}\nurls:  {registry._RESNET_URL}<file>\n       {registry._DENSENET_URL}<file>")
+  print(f"\ncache: {cache}\nurls:  {registry.RESNET_URL}<file>\n       {registry.DENSENET_URL}<file>")
 
 
 def _convert(args: argparse.Namespace) -> None:
-  from resdense_jax import models
   model = models.BACKBONES[args.arch](include_top=args.include_top, pooling=args.pooling,
                                       num_classes=args.num_classes)
   path = loader.resolve(model, args.keras, cache_dir=args.cache_dir, download_ok=not args.no_download)

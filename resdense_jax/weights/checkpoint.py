@@ -16,6 +16,7 @@ from typing import Any
 import orbax.checkpoint as ocp
 
 from resdense_jax.weights.errors import WeightsError
+from resdense_jax.weights.loader import abstract_variables
 
 METADATA_FILE = "metadata.json"
 VARIABLES_DIR = "variables"
@@ -50,7 +51,6 @@ def load_converted(directory: os.PathLike | str, model: Any = None) -> dict[str,
   checkpointer = ocp.StandardCheckpointer()
   if model is None:
     return checkpointer.restore(directory / VARIABLES_DIR)
-  from resdense_jax.weights.loader import abstract_variables
   target = abstract_variables(model)
   try:
     return checkpointer.restore(directory / VARIABLES_DIR, target)

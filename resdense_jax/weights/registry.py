@@ -8,17 +8,17 @@ from __future__ import annotations
 
 import dataclasses
 
-_RESNET_URL = "https://storage.googleapis.com/tensorflow/keras-applications/resnet/"
-_DENSENET_URL = "https://storage.googleapis.com/tensorflow/keras-applications/densenet/"
+RESNET_URL = "https://storage.googleapis.com/tensorflow/keras-applications/resnet/"
+DENSENET_URL = "https://storage.googleapis.com/tensorflow/keras-applications/densenet/"
 
 # arch -> (base URL, MD5 of the file with top, MD5 of the file without top)
 _HASHES = {
-    "resnet50": (_RESNET_URL, "2cb95161c43110f7111970584f804107", "4d473c1dd8becc155b73f8504c6f6626"),
-    "resnet101": (_RESNET_URL, "f1aeb4b969a6efcfb50fad2f0c20cfc5", "88cf7a10940856eca736dc7b7e228a21"),
-    "resnet152": (_RESNET_URL, "100835be76be38e30d865e96f2aaae62", "ee4c566cf9a93f14d82f913c2dc6dd0c"),
-    "densenet121": (_DENSENET_URL, "9d60b8095a5708f2dcce2bca79d332c7", "30ee3e1110167f948a6b9946edeeb738"),
-    "densenet169": (_DENSENET_URL, "d699b8f76981ab1b30698df4c175e90b", "b8c4d4c20dd625c148057b9ff1c1176b"),
-    "densenet201": (_DENSENET_URL, "1ceb130c1ea1b78c3bf6114dbdfd8807", "c13680b51ded0fb44dff2d8f86ac8bb1"),
+    "resnet50": (RESNET_URL, "2cb95161c43110f7111970584f804107", "4d473c1dd8becc155b73f8504c6f6626"),
+    "resnet101": (RESNET_URL, "f1aeb4b969a6efcfb50fad2f0c20cfc5", "88cf7a10940856eca736dc7b7e228a21"),
+    "resnet152": (RESNET_URL, "100835be76be38e30d865e96f2aaae62", "ee4c566cf9a93f14d82f913c2dc6dd0c"),
+    "densenet121": (DENSENET_URL, "9d60b8095a5708f2dcce2bca79d332c7", "30ee3e1110167f948a6b9946edeeb738"),
+    "densenet169": (DENSENET_URL, "d699b8f76981ab1b30698df4c175e90b", "b8c4d4c20dd625c148057b9ff1c1176b"),
+    "densenet201": (DENSENET_URL, "1ceb130c1ea1b78c3bf6114dbdfd8807", "c13680b51ded0fb44dff2d8f86ac8bb1"),
 }
 
 

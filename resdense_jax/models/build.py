@@ -1,0 +1,50 @@
+"""The Res-Dense Net a config describes (`config.model`), shared by training, prediction and checkpoints."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from resdense_jax.models.resdense import ResDenseNet
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# "auto": bfloat16 compute (float32 parameters and loss) where the matrix units run it at full rate.
+AUTO_BFLOAT16_BACKENDS = ("gpu", "tpu")
+
+
+def plain(value):
+  """ConfigDict / lists -> plain dicts / tuples (hashable module attributes)."""
+  if isinstance(value, (ml_collections.ConfigDict, dict)):
+    return {k: plain(v) for k, v in dict(value).items()}
+  if isinstance(value, (list, tuple)):
+    return tuple(plain(v) for v in value)
+  return value
+
+
+def compute_dtype(name: str, backend: str | None = None) -> str:
+  """config.model.dtype resolved: "auto" is bfloat16 on GPU/TPU and float32 elsewhere (CPU)."""
+  if name == "auto":
+    backend = backend or jax.default_backend()
+    return "bfloat16" if backend in AUTO_BFLOAT16_BACKENDS else "float32"
+  if name not in DTYPES:
+    raise ValueError(f"config.model.dtype must be 'auto' or one of {sorted(DTYPES)}, got {name!r}")
+  return name
+
+
+def create_model(model_config: ml_collections.ConfigDict, *, frozen_bn=()) -> ResDenseNet:
+  """The Res-Dense Net the config describes; `frozen_bn` as ResDenseNet's (optim.frozen_batchnorm)."""
+  return ResDenseNet(
+      backbones=tuple(model_config.backbones),
+      fusion_filters=model_config.fusion_filters,
+      fusion_kernel=model_config.fusion_kernel,
+      fusion_activation=model_config.fusion_activation or None,
+      pooling=model_config.pooling,
+      dropout=model_config.dropout,
+      num_outputs=model_config.num_outputs,
+      preprocessing=model_config.preprocessing,
+      backbone_kwargs=plain(model_config.backbone_kwargs),
+      frozen_bn=tuple(frozen_bn),
+      backbone_bn_inference=model_config.backbone_bn_inference,
+      dtype=DTYPES[compute_dtype(model_config.dtype)],
+  )
