@@ -137,7 +137,12 @@ def _timed(fn, count: int) -> list[float]:
 # ------------------------------------------------------------------------------------------- JAX workers
 
 
-def _configure_jax_cache(cache_dir: str | None) -> None:
+def _configure_jax_cache(cache_dir: str | None, *, cpu_ynnpack: bool | None = None) -> None:
+  """The worker's JAX setup; `cpu_ynnpack` as the project's command lines apply it (None: XLA's default)."""
+  if cpu_ynnpack is not None:
+    from resdense_jax import cpu_flags  # pylint: disable=g-import-not-at-top  (before JAX starts a backend)
+
+    cpu_flags.set_ynnpack(cpu_ynnpack)
   import jax  # pylint: disable=g-import-not-at-top  (only in worker processes: the parent never owns a device)
 
   if cache_dir:
@@ -403,7 +408,7 @@ def _phase(name: str, freeze: tuple[str, ...]):
 
 def project_worker(spec: dict) -> dict:
   """Rows spec["situations"] of the project in this process; cold rows also time the matmul peak if asked."""
-  _configure_jax_cache(spec["cache_dir"])
+  _configure_jax_cache(spec["cache_dir"], cpu_ynnpack=spec["cpu_ynnpack"])
   import jax  # pylint: disable=g-import-not-at-top
 
   rows = ProjectRows(spec)
@@ -428,7 +433,7 @@ def project_worker(spec: dict) -> dict:
 def main_run_worker(spec: dict) -> dict:
   """A real `train_and_evaluate` (what `python -m resdense_jax.main` runs) on a small synthetic collection:
   phase 2's freezing, 2 epochs of spec["main_steps"] steps; the loop's own timing fields of its last epoch."""
-  _configure_jax_cache(spec["cache_dir"])
+  _configure_jax_cache(spec["cache_dir"], cpu_ynnpack=spec["cpu_ynnpack"])
   from resdense_jax import train  # pylint: disable=g-import-not-at-top
 
   config = ProjectRows(spec).config
@@ -658,7 +663,8 @@ def measure(args) -> list[dict]:
   spec = {"size": args.size, "batch": args.batch, "dtype": args.dtype, "backbones": args.backbones,
           "fusion": args.fusion, "tiny": args.tiny, "freeze_first": args.freeze_first, "steps": args.steps,
           "warmup": args.warmup, "scan": args.scan, "predictor_repeats": args.predictor_repeats,
-          "workdir": str(workdir), "cache_dir": cache_dir, "remat": args.remat, "main_steps": args.main_steps}
+          "workdir": str(workdir), "cache_dir": cache_dir, "remat": args.remat, "main_steps": args.main_steps,
+          "cpu_ynnpack": args.cpu_ynnpack}
   groups = [list(args.situations)] if args.one_process else [[s] for s in args.situations]
   keras_backend = keras_backend_choice(args.keras_backend, args.keras_python or None)
   project, warm, keras_rows, info = {}, {}, {}, {}
@@ -698,7 +704,8 @@ def measure(args) -> list[dict]:
            "num_devices": info.get("num_devices"), "jax_version": info.get("jax_version"),
            "keras_backend": info.get("keras_backend"), "keras_version": info.get("keras_version"),
            "matmul_peak_gflops": peak, "matmul_peak_gflops_float32": peaks.get("float32"),
-           "freeze": list(_freeze_rules(situation, spec)) if situation != "inference" else None}
+           "freeze": list(_freeze_rules(situation, spec)) if situation != "inference" else None,
+           "cpu_ynnpack": args.cpu_ynnpack, "remat": args.remat}
     row.update(project[situation])
     row.update({k: v for k, v in warm.get(situation, {}).items() if "warm" in k})
     row.update({k: v for k, v in keras_rows.get(situation, {}).items() if k != "situation"})
@@ -747,7 +754,9 @@ def table(rows: list[dict]) -> str:
   notes = [f"\n{'+'.join(first['backbones'])}{' (--tiny: one stage of one block)' if first['tiny'] else ''}, "
            f"fusion {first['fusion']}, {first['size']}x{first['size']}, batch {first['batch']}, {first['dtype']}; "
            f"median of {first['steps']} steps after {first['warmup']} warm-up; jax {first['jax_version']} on "
-           f"{first['num_devices']} x {first['device_kind']} ({first['backend']}); Keras "
+           f"{first['num_devices']} x {first['device_kind']} ({first['backend']}"
+           f"{'' if first['backend'] != 'cpu' else ', YNNPACK convolutions ' + ('on' if first['cpu_ynnpack'] else 'off')}"
+           f", remat {first['remat']}); Keras "
            f"{first['keras_version'] or '-'} on {first['keras_backend'] or '-'}."]
   for r in rows:
     if r.get("predictor_images_per_s"):
@@ -782,6 +791,9 @@ def parse_args(argv=None):
                       help=f"comma-separated subset of {','.join(SITUATIONS)}")
   parser.add_argument("--keras_backend", choices=("auto", "tensorflow", "jax", "none"), default="auto",
                       help="auto: tensorflow when importable, else jax; none: no Keras reference")
+  parser.add_argument("--cpu_ynnpack", action="store_true",
+                      help="keep XLA's YNNPACK convolution fusions on CPU in the project's rows (the command "
+                      "lines' default, config.cpu_ynnpack=False, turns them off; resdense_jax/cpu_flags.py)")
   parser.add_argument("--remat", choices=("none", "blocks"), default="none",
                       help="config.train.remat of the training rows (their XLA temp MB shows what it saves)")
   parser.add_argument("--main_steps", type=int, default=8,

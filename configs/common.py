@@ -26,6 +26,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.seed = 0
   # Persistent XLA compilation cache: a second run reads its compiled steps back ("" turns it off).
   config.compilation_cache_dir = "~/.cache/resdense_jax/xla"
+  # XLA's YNNPACK convolution fusions on CPU; off: Eigen's convolutions, 1.4-1.5x faster on the 2-core test
+  # machine (resdense_jax/cpu_flags.py). Applied by the command lines before JAX starts; GPUs/TPUs ignore it.
+  config.cpu_ynnpack = False
 
   config.data = ml_collections.ConfigDict()
   config.data.root = ""                   # COV19-CT-DB root: <root>/{train,validation}/{covid,non-covid}/<scan>/

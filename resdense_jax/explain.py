@@ -28,7 +28,7 @@ from typing import Sequence
 import numpy as np
 from absl import flags
 
-from resdense_jax import cam, compilation_cache, data, plotting, predict
+from resdense_jax import cam, compilation_cache, cpu_flags, data, plotting, predict
 
 METHODS = ("cam", "gradcam")
 
@@ -241,6 +241,8 @@ def main(argv: Sequence[str]) -> int:
   flags.DEFINE_float("threshold", None, "COVID threshold; default: the checkpoint's.", flag_values=fv)
   flags.DEFINE_enum("aggregation", None, ["mean", "vote"], "Scan rule; default: the checkpoint's.",
                     flag_values=fv)
+  flags.DEFINE_boolean("cpu_ynnpack", False, "XLA's YNNPACK convolution fusions on CPU (default off: Eigen's "
+                       "convolutions, faster on the machines measured; resdense_jax/cpu_flags.py).", flag_values=fv)
   flags.DEFINE_string("compilation_cache_dir", compilation_cache.DEFAULT_DIR, "Persistent XLA compilation "
                       "cache (a second run reads its compiled programs back); empty: off.", flag_values=fv)
   flags.mark_flags_as_required(["checkpoint", "scan", "out"], flag_values=fv)
@@ -257,6 +259,7 @@ def main(argv: Sequence[str]) -> int:
   except (OSError, ValueError) as error:
     print(f"error: cannot read the scan: {error}", file=sys.stderr)
     return 1
+  cpu_flags.set_ynnpack(fv.cpu_ynnpack)  # before anything starts a JAX backend
   compilation_cache.enable(fv.compilation_cache_dir)
   predictor = predict.Predictor.from_checkpoint(fv.checkpoint, aggregation=fv.aggregation, threshold=fv.threshold)
   try:

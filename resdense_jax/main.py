@@ -8,11 +8,13 @@
 Re-running with the same workdir resumes from its latest checkpoint.
 """
 
+import os
+
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from resdense_jax import train
+from resdense_jax import cpu_flags, train
 
 FLAGS = flags.FLAGS
 
@@ -31,11 +33,13 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   if not FLAGS["verbosity"].present:  # absl sets the flag itself, so using_default_value is always False
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO; --verbosity=0 brings it back
+  cpu_flags.set_ynnpack(FLAGS.config.get("cpu_ynnpack", False))  # before anything starts a JAX backend
   if FLAGS.distributed:
     jax.distributed.initialize()
   logging.info("JAX devices: %s (process %d of %d)", jax.devices(), jax.process_index(), jax.process_count())
   if FLAGS.dry_run:
     print(_plan_table(train.dry_run(FLAGS.config, FLAGS.workdir)), flush=True)
+    print(f"JAX backend {jax.default_backend()}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", flush=True)
     print(f"dry run: resolved config in {FLAGS.workdir}/config.json; nothing trained", flush=True)
     return
   result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)

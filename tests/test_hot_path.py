@@ -235,3 +235,35 @@ def test_fsdp_trains_the_same_weights_as_a_replicated_state_on_two_devices():
   for key, value in flat_split.items():
     np.testing.assert_allclose(value, flat_replicated[key], rtol=1e-5, atol=1e-3 if key in noise else 1e-4,
                                err_msg="/".join(key))
+
+
+# --------------------------------------------------------------------------------------- CPU convolutions
+
+YNN_RUN = """
+import json, os, sys
+from resdense_jax import cpu_flags
+import jax
+first = cpu_flags.set_ynnpack(sys.argv[1] == "on")
+flags = os.environ.get("XLA_FLAGS", "")
+jax.devices()  # the backend starts: XLA has read its flags
+late = cpu_flags.set_ynnpack(False)
+print(json.dumps({"first": first, "flags": flags, "late": late, "after": os.environ.get("XLA_FLAGS", "")}))
+"""
+
+
+@pytest.mark.parametrize("preset,mode,want", [
+    ("", "off", {"first": True, "flags": "--xla_cpu_experimental_ynn_fusion_type="}),
+    ("", "on", {"first": True, "flags": ""}),
+    ("--xla_cpu_enable_fast_math=false", "off",
+     {"first": True, "flags": "--xla_cpu_enable_fast_math=false --xla_cpu_experimental_ynn_fusion_type="}),
+    # The user's own value wins.
+    ("--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION", "off",
+     {"first": False, "flags": "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"}),
+])
+def test_ynnpack_flag_is_set_only_before_jax_starts_and_never_over_the_users(preset, mode, want):
+  env = {**os.environ, "XLA_FLAGS": preset, "JAX_PLATFORMS": "cpu"}
+  out = subprocess.run([sys.executable, "-c", YNN_RUN, mode], capture_output=True, text=True, env=env, check=True)
+  got = json.loads(out.stdout.strip().splitlines()[-1])
+  assert {k: got[k] for k in want} == want
+  # Once the backend runs, nothing changes (XLA would not read it).
+  assert got["after"] == got["flags"] and got["late"] is False

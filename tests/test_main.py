@@ -12,7 +12,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _main(*args, timeout=120):
-  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, "JAX_PLATFORMS": "cpu"}
   return subprocess.run([sys.executable, "-m", "resdense_jax.main", *args], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=timeout)
 
@@ -56,6 +56,16 @@ def test_command_line_overrides_reach_the_saved_config(tmp_path):
   assert "| head | 0-10 | backbones | adam 0.003 |" in out and "| finetune | 10-13 | backbones:100 | rmsprop" in out
   assert "nothing trained" in out and not (workdir / "metrics.jsonl").exists()
   assert not [p for p in (workdir / "checkpoints").iterdir() if p.name != "config.json"]
+  # On CPU the command line turns XLA's YNNPACK convolution fusions off before JAX starts (cpu_flags.py).
+  assert "JAX backend cpu; XLA_FLAGS='--xla_cpu_experimental_ynn_fusion_type='" in out
+
+
+def test_cpu_ynnpack_on_leaves_xla_flags_alone(tmp_path):
+  root = demo_configs.tiny_collection(tmp_path / "ct")
+  proc = _main("--config=configs/finetune.py", f"--workdir={tmp_path / 'run'}", f"--config.data.root={root}",
+               "--config.cpu_ynnpack=True", "--dry_run")
+  assert proc.returncode == 0, proc.stderr
+  assert "JAX backend cpu; XLA_FLAGS=''" in proc.stdout
 
 
 def test_configs_resolve():
