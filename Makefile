@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 RUNTIME_STAMP := $(VENV)/.installed-runtime
 DEMO_WORKDIR ?= runs/demo
 
-.PHONY: demo install test clean
+.PHONY: demo install test bench-tf clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -33,5 +33,11 @@ demo: $(RUNTIME_STAMP)
 test: $(STAMP)
 	JAX_PLATFORMS=cpu KERAS_BACKEND=jax $(PY) -m pytest -n 2 --dist loadfile -q tests
 
+# The Keras-on-TensorFlow reference of benchmarks/throughput.py, in an environment of its own (TensorFlow and
+# JAX pin different versions of shared packages): --keras_python=.venv-tf/bin/python.
+bench-tf:
+	$(PYTHON) -m venv .venv-tf
+	.venv-tf/bin/python -m pip install --quiet tensorflow-cpu keras numpy
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) .venv-tf build *.egg-info
