@@ -31,7 +31,7 @@ demo: $(RUNTIME_STAMP)
 	@echo "demo: report in $(DEMO_WORKDIR)/report, explanation of one validation COVID scan in $(DEMO_WORKDIR)/explain"
 
 test: $(STAMP)
-	JAX_PLATFORMS=cpu KERAS_BACKEND=jax $(PY) -m pytest -n 2 --dist loadfile -q tests
+	JAX_PLATFORMS=cpu KERAS_BACKEND=jax $(PY) -m pytest -n 2 --dist loadfile -q -m "not long" tests
 
 # The Keras-on-TensorFlow reference of benchmarks/throughput.py, in an environment of its own (TensorFlow and
 # JAX pin different versions of shared packages): --keras_python=.venv-tf/bin/python.

@@ -440,7 +440,7 @@ def main_run_worker(spec: dict) -> dict:
   config.compilation_cache_dir = spec["cache_dir"]
   config.data.synthetic = True
   slices = 8
-  scans = max(1, spec["main_steps"] * spec["batch"] // slices)
+  scans = max(2, spec["main_steps"] * spec["batch"] // slices)  # at least one scan of each class
   config.data.synthetic_scans = {"train": (scans - scans // 2, scans // 2), "validation": (1, 1), "test": 0}
   config.data.synthetic_num_slices = (slices, slices)
   config.data.synthetic_slice_size = 512  # COV19-CT-DB's slices are 512x512 JPEGs: decoded and resized
@@ -449,12 +449,13 @@ def main_run_worker(spec: dict) -> dict:
   config.phases = [_phase("phase2", _freeze_rules("phase2", spec))]
   config.phases[0].epochs = 2
   workdir = pathlib.Path(tempfile.mkdtemp(prefix="main_run_", dir=spec["workdir"]))
-  _log(f"main run: train_and_evaluate on {2 * scans} synthetic scans of {slices} slices in {workdir}")
+  _log(f"main run: train_and_evaluate on {scans} training and 2 validation synthetic scans of {slices} slices in "
+       f"{workdir}")
   start = time.perf_counter()
   train.train_and_evaluate(config, workdir)
   records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   last = records[-1]
-  return {"rows": [{"situation": "main_run", "main_steps_per_epoch": spec["main_steps"],
+  return {"rows": [{"situation": "main_run", "main_steps_per_epoch": scans * slices // spec["batch"],
                     "main_images_per_s": last["train_images_per_s"],
                     "data_wait_fraction": last["data_wait_fraction"], "main_wall_s": time.perf_counter() - start,
                     "main_prefetch": config.data.prefetch}]}

@@ -97,22 +97,47 @@ def _one_step(remat, phase, state, batch):
   return compiled.as_text().count(" convolution("), jax.tree.map(np.asarray, (new_state, metrics))
 
 
+def _remat_setup():
+  config = demo_configs.tiny_config()  # one block per stage: 4 residual blocks, 4 dense conv blocks
+  config.phases = [ml_collections.ConfigDict(dict(config.phases[1]))]
+  config.phases[0].freeze = ()
+  model = train.create_model(config.model)
+  params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, SIZE, SIZE, 3)))["params"])
+  phase = train.create_phase(0, train.plan_phases(config, 1), config, params)
+  return config, model, phase
+
+
+def test_remat_blocks_recomputes_in_the_lowered_step():
+  """The fast check (no compile): the backward pass of the lowered program recomputes the blocks' convs."""
+  _, model, phase = _remat_setup()
+  variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, SIZE, SIZE, 3))))
+  state = jax.eval_shape(lambda v: train.create_train_state(jax.random.PRNGKey(1), v, phase), variables)
+  batch = {"image": jax.ShapeDtypeStruct((8, SIZE, SIZE, 3), jnp.uint8),
+           "label": jax.ShapeDtypeStruct((8,), jnp.int32)}
+
+  def convs(remat):
+    step = train.compile_train_step(phase, losses.binary_cross_entropy, sharding.create_mesh(), remat=remat)
+    return step.lower(state, batch).as_text().count("stablehlo.convolution")
+
+  assert convs("blocks") >= convs("none") + 8
+  with pytest.raises(ValueError, match="config.train.remat"):
+    train.remat_policy("layers")
+
+
+@pytest.mark.long
 def test_remat_blocks_recomputes_inside_the_blocks_and_gives_the_same_step():
   # XLA's CPU buffer assignment reports the same temporary size with or without remat (even with
   # nothing_saveable; see WORKSPACE_NOTES), so what is checked here is the program: the backward pass
   # recomputes the convolutions inside each block instead of reading them back, and the numbers agree.
-  config = demo_configs.tiny_config()
-  config.model.backbone_kwargs = {"resnet50": dict(stage_sizes=(2, 2, 2, 2), filters=(8, 8, 16, 16),
-                                                   stem_filters=8),
-                                  "densenet121": dict(blocks=(3, 3, 3, 3), growth_rate=8, stem_filters=8)}
+  config = demo_configs.tiny_config()  # one block per stage: 4 residual blocks, 4 dense conv blocks
   config.phases = [ml_collections.ConfigDict(dict(config.phases[1]))]
   config.phases[0].freeze = ()
   model = train.create_model(config.model)
-  variables = train.initialized(jax.random.key(0, impl="rbg"), model, 64)
+  variables = train.initialized(jax.random.key(0, impl="rbg"), model, SIZE)
   phase = train.create_phase(0, train.plan_phases(config, 1), config, variables["params"])
   state = train.create_train_state(jax.random.PRNGKey(1), variables, phase)
   rng = np.random.default_rng(0)
-  batch = {"image": jnp.asarray(rng.integers(0, 256, (8, 64, 64, 3)), jnp.uint8),
+  batch = {"image": jnp.asarray(rng.integers(0, 256, (8, SIZE, SIZE, 3)), jnp.uint8),
            "label": jnp.asarray(rng.integers(0, 2, 8), jnp.int32)}
   plain_convs, plain = _one_step("none", phase, state, batch)
   remat_convs, remat = _one_step("blocks", phase, state, batch)
@@ -120,7 +145,7 @@ def test_remat_blocks_recomputes_inside_the_blocks_and_gives_the_same_step():
   trees.assert_trees_close(remat, plain, rtol=1e-5, atol=1e-6)
   # Every conv of a block but its last is computed twice (forward, then again in the backward pass); the
   # block outputs, and with them the ResNet blocks' last convs and DenseNet's new channels, are kept.
-  assert remat_convs > plain_convs + 20, (remat_convs, plain_convs)
+  assert remat_convs >= plain_convs + 8, (remat_convs, plain_convs)
   with pytest.raises(ValueError, match="config.train.remat"):
     train.remat_policy("layers")
 
@@ -212,6 +237,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.long
 def test_fsdp_trains_the_same_weights_as_a_replicated_state_on_two_devices():
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2 "
          "--xla_backend_optimization_level=0", "JAX_PLATFORMS": "cpu"}
@@ -253,7 +279,6 @@ print(json.dumps({"first": first, "flags": flags, "late": late, "after": os.envi
 
 @pytest.mark.parametrize("preset,mode,want", [
     ("", "off", {"first": True, "flags": "--xla_cpu_experimental_ynn_fusion_type="}),
-    ("", "on", {"first": True, "flags": ""}),
     ("--xla_cpu_enable_fast_math=false", "off",
      {"first": True, "flags": "--xla_cpu_enable_fast_math=false --xla_cpu_experimental_ynn_fusion_type="}),
     # The user's own value wins.

@@ -63,7 +63,7 @@ def test_command_line_overrides_reach_the_saved_config(tmp_path):
 def test_cpu_ynnpack_on_leaves_xla_flags_alone(tmp_path):
   root = demo_configs.tiny_collection(tmp_path / "ct")
   proc = _main("--config=configs/finetune.py", f"--workdir={tmp_path / 'run'}", f"--config.data.root={root}",
-               "--config.cpu_ynnpack=True", "--dry_run")
+               "--config.train.batch_size=16", "--config.cpu_ynnpack=True", "--dry_run")
   assert proc.returncode == 0, proc.stderr
   assert "JAX backend cpu; XLA_FLAGS=''" in proc.stdout
 
