@@ -17,7 +17,7 @@ SHORT = ["--config.phases[1].epochs=5", "--config.train.batch_size=16"]
 F1_BAR = 0.75
 
 
-@pytest.mark.slow
+@pytest.mark.long  # 3-4 minutes on this 2-core machine; the engine's paths are covered by test_train / test_main
 def test_shortened_demo_learns(tmp_path):
   workdir = tmp_path / "demo"
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
