@@ -27,7 +27,8 @@ import numpy as np  # noqa: E402
 import keras_fixtures as kf  # noqa: E402
 from resdense_jax import models, weights  # noqa: E402
 
-ARCHS = ("resnet50", "resnet101", "resnet152", "densenet121", "densenet169", "densenet201")
+ARCHS = ("resnet50", "resnet101", "resnet152", "resnet50v2", "resnet101v2", "resnet152v2", "densenet121",
+         "densenet169", "densenet201")
 
 
 def _size(text: str) -> tuple[int, int]:

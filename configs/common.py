@@ -14,7 +14,8 @@ def phase(name: str, epochs: int, freeze: tuple[str, ...], optimizer: str = "rms
           "name": optimizer,              # rmsprop (Keras: rho 0.9, epsilon 1e-7 in the sqrt) | adam | sgd
           "learning_rate": learning_rate,
           "schedule": "constant",         # constant | cosine | warmup_cosine (over the phase)
-          "warmup_steps": 0,
+          "warmup_steps": 0,              # any schedule: lr rises linearly from 0 over the phase's first steps
+          "warmup_epochs": 0.0,           # the same in epochs (the engine resolves them to steps); not both
           "momentum": 0.0,                # sgd only (Keras SGD momentum; exact to Keras at a constant rate)
           "weight_decay": 0.0,            # decoupled, on kernels only
       },
@@ -45,6 +46,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.data.middle_fraction = 1.0       # train on the middle fraction of each scan's slices
   config.data.num_workers = 0
   config.data.prefetch = 2                # batches decoded and sent to the devices ahead of the running step
+  config.data.lung_crop = False           # crop every slice to its scan's lung box before resizing (data/lungs.py)
+  config.data.lung_crop_margin = 0.05     # added to the lung box on every side, as a fraction of the slice's side
+  config.data.drop_lungless_slices = False  # leave out each scan's leading / trailing slices showing no lung
+  config.data.balanced_sampling = False   # each epoch: classes equally likely, scans of a class equally often
 
   config.model = ml_collections.ConfigDict()
   config.model.backbones = ("resnet101", "densenet121")
@@ -55,17 +60,26 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.model.pooling = "avg"            # avg | gem
   config.model.dropout = 0.2
   config.model.num_outputs = 1            # 1: sigmoid head; 2: softmax head (use sparse_categorical_cross_entropy)
+  config.model.head_init = "flax"         # flax (lecun-normal) | keras (glorot-uniform) | zeros (starts at p = 0.5)
   config.model.preprocessing = "keras"    # keras (caffe / torch per backbone) | authors (caffe, then [-1, 1])
   config.model.backbone_bn_inference = False  # True: every backbone BatchNorm in inference mode (authors' code)
   config.model.dtype = "auto"             # compute dtype: auto (bfloat16 on GPU/TPU, float32 on CPU) | float32 |
                                           # bfloat16; params, BatchNorm statistics and the loss stay float32
-  config.model.pretrained = "imagenet"    # imagenet | none
+  # imagenet | none | a Keras file (.h5 weights or full model, .weights.h5, .keras) | {backbone: one of these}
+  # (resdense_jax/weights/pretrained.py). Type `object`: a config file may assign a dict, the command line a
+  # string or a dict literal (--config.model.pretrained='{"resnet50": "/w/a.h5", "densenet121": "imagenet"}').
+  config.model.pretrained = ml_collections.FieldReference("imagenet", field_type=object)
   config.model.weights_dir = ""           # folder with the Keras .h5 files; default: the Keras cache
   config.model.download_weights = True    # fetch missing files from Keras's published URLs
 
   config.train = ml_collections.ConfigDict()
   config.train.batch_size = 32            # global batch, split over all devices
   config.train.loss = "binary_cross_entropy"  # | sigmoid_focal_loss | sparse_categorical_cross_entropy
+  config.train.label_smoothing = 0.0      # Keras's: sigmoid y -> y (1 - e) + e / 2; softmax one-hot y (1 - e) + e / k
+  # none | balanced (n / (2 n_class) over the training slices) | (w_noncovid, w_covid): per-slice loss weights,
+  # reduced as Keras's model.fit(class_weight=...). Any type, so --config.train.class_weight="(1, 3)" overrides.
+  config.train.class_weight = ml_collections.FieldReference("none", field_type=object)
+  config.train.patience = 0               # early stopping: stop after this many evaluations without a new best
   config.train.log_every_steps = 50
   config.train.checkpoint_every_steps = 0  # extra mid-epoch checkpoints (0: only after each evaluation)
   config.train.eval_every_epochs = 1
@@ -79,6 +93,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   # 0: off. K > 0: a phase whose backbones are entirely frozen (phase 1) trains the head on the backbones'
   # features of K augmented views per training slice, computed once (resdense_jax/feature_cache.py).
   config.train.cache_frozen_features = 0
+  # 0: off. d in (0, 1): an exponential moving average of the weights (decay d per step; trainable parameters
+  # and BatchNorm statistics) is what gets evaluated, ranked for the best checkpoint and loaded for predict.
+  config.train.ema_decay = 0.0
+  config.train.ema_warmup = True          # decay min(d, (1 + t) / (10 + t)) at the phase's update t (TF's form)
 
   # The paper: 20 epochs; first the head with both backbones frozen, then all but the first 100 Keras layers
   # of each backbone. The split between the phases is not given in the paper; 10 + 10 here.
@@ -91,6 +109,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.eval.batch_size = 64
   config.eval.aggregation = "mean"        # mean (paper: mean slice probability) | vote (authors' code)
   config.eval.threshold = 0.5             # a scan is COVID when its score is above this
+  config.eval.tta = "none"                # none | flip: slice probability = mean over the slice and its mirror
   config.eval.middle_fraction = 1.0       # evaluate on the middle fraction of each scan's slices
   config.eval.best_metric = "val_scan_macro_f1"
   return config

@@ -5,9 +5,13 @@ preservation policy "LatestN(1) or BestN(1)". Checkpoints saved without metrics 
 are kept only while they are the latest.
 
 Each checkpoint step holds three items:
-  state      the TrainState (params, batch_stats, optimizer state, step, RNG)
+  state      the TrainState (params, batch_stats, optimizer state, step, RNG and, with config.train.ema_decay,
+             the moving average of the weights: what `load_for_inference` returns, so predict, explain and
+             reports use it, while a resumed run continues from the raw weights and the average alike)
   data_iter  the grain iterator state (grain's own orbax handler), so a resumed run sees the same batches
-  meta       JSON: phase index and the running train-loss sums
+  meta       JSON: phase index and the running train-loss sums; the best metric so far and the evaluations
+             since it last improved (early stopping, `early_stop` when the run stopped); after an evaluation
+             the threshold maximising validation scan macro-F1 (`val_scan_best_threshold`, `load_threshold`)
 The resolved config sits in `config.json` next to the step folders, for `load_for_inference`.
 """
 
@@ -26,6 +30,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
+from resdense_jax import optim
 from resdense_jax.models.build import create_model
 
 
@@ -107,11 +112,33 @@ def _find_step_dir(path: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
   raise FileNotFoundError(f"{path}: not a checkpoint (no state/), checkpoints folder or workdir (no config.json)")
 
 
-def load_for_inference(checkpoint_dir: str | os.PathLike):
+def load_meta(checkpoint_dir: str | os.PathLike) -> tuple[pathlib.Path, dict]:
+  """(step folder, its JSON meta) of the checkpoint `load_for_inference` loads for `checkpoint_dir`."""
+  _, step_dir = _find_step_dir(pathlib.Path(checkpoint_dir).expanduser().absolute())
+  checkpointer = ocp.Checkpointer(ocp.JsonCheckpointHandler())
+  try:
+    return step_dir, dict(checkpointer.restore(step_dir / "meta"))
+  finally:
+    checkpointer.close()
+
+
+def load_threshold(checkpoint_dir: str | os.PathLike) -> tuple[float, float]:
+  """(threshold, validation scan macro-F1 there) recorded with the checkpoint `load_for_inference` loads:
+  the threshold that maximised the validation scan macro-F1 at that evaluation (metrics.best_threshold)."""
+  step_dir, meta = load_meta(checkpoint_dir)
+  if meta.get("val_scan_best_threshold") is None:
+    raise ValueError(f"{step_dir}: this checkpoint records no validation threshold (saved by an older version, "
+                     "or not at an evaluation); give the threshold as a number instead, e.g. --threshold=0.5")
+  return float(meta["val_scan_best_threshold"]), float(meta["val_scan_best_threshold_macro_f1"])
+
+
+def load_for_inference(checkpoint_dir: str | os.PathLike, *, ema: bool = True):
   """(model, variables, config) from the best checkpoint of a run, or from a given step folder.
 
   `checkpoint_dir` is a workdir, its `checkpoints/` folder (the best step is taken), or one step folder.
-  `variables` is {"params", "batch_stats"} as host NumPy-backed jax arrays on the default device.
+  `variables` is {"params", "batch_stats"} as host NumPy-backed jax arrays on the default device: the moving
+  average of the weights when the run kept one (config.train.ema_decay; what it evaluated), unless `ema` is
+  False (then the raw trained weights).
   """
   folder, step_dir = _find_step_dir(pathlib.Path(checkpoint_dir).expanduser().absolute())
   config_path = folder / "config.json"
@@ -127,5 +154,6 @@ def load_for_inference(checkpoint_dir: str | os.PathLike):
     tree = checkpointer.restore(step_dir / "state", args=ocp.args.PyTreeRestore(restore_args=as_numpy))
   finally:
     checkpointer.close()
-  variables = jax.device_put({"params": tree["params"], "batch_stats": tree["batch_stats"]})
+  average = tree.get("ema") if ema else None
+  variables = jax.device_put(optim.ema_variables(tree["params"], average or None, tree["batch_stats"]))
   return create_model(config.model), variables, config

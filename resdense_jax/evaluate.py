@@ -3,6 +3,11 @@
 The eval pipeline yields padded batches in scan order with `scan_index` / `mask`; the slice probabilities
 are gathered on the host and handed to `metrics.scan_and_slice_metrics` (mean slice probability by default,
 the paper's rule; or the authors' vote rule), with the threshold and middle fraction from `config.eval`.
+Every evaluation also searches the threshold that maximises the scan macro-F1 (`metrics.best_threshold`).
+
+Test-time augmentation (`config.eval.tta`, `predict --tta`): "flip" makes each slice's probability the mean
+of the model's probability on the slice and on its left-right mirror, the flip the training augmentation
+draws (Keras RandomFlip("horizontal"), data/augment.py), applied to the resized model input.
 """
 
 from __future__ import annotations
@@ -10,11 +15,30 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import tqdm
 from jax.experimental import multihost_utils
 
 from resdense_jax import data, metrics
+
+TTA_MODES = ("none", "flip")
+
+
+def check_tta(tta: str | None) -> str:
+  """A test-time augmentation mode ("none" for None), or a ValueError naming the choices."""
+  tta = tta or "none"
+  if tta not in TTA_MODES:
+    raise ValueError(f"unknown test-time augmentation {tta!r}; choose one of {TTA_MODES}")
+  return tta
+
+
+def tta_views(images: jax.Array, tta: str) -> list[jax.Array]:
+  """The [B, H, W, C] batches whose slice probabilities are averaged: the images, and for "flip" their
+  left-right mirrors."""
+  if check_tta(tta) == "flip":
+    return [images, jnp.flip(images, axis=2)]
+  return [images]
 
 
 def process_rows(batch: np.ndarray) -> np.ndarray:
@@ -57,7 +81,10 @@ def evaluate(eval_fn: Callable, variables: dict, scans: Sequence, config, batch_
   data.PreparedData split.
   """
   prepared = (data.RawScans, data.PreparedData)
-  source = scans if isinstance(scans, prepared) else data.RawScans(list(scans), progress=False)
+  if isinstance(scans, prepared):
+    source = scans
+  else:  # read as training reads (config.data.lung_crop, drop_lungless_slices)
+    source = data.RawScans(list(scans), progress=False, options=data.ReadOptions.from_config(config.data))
   refs = source.scans
   if not refs:
     raise ValueError("evaluation needs at least one labelled validation scan")

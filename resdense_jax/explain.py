@@ -14,6 +14,14 @@ writes into --out:
 
 The default map is the CAM of the fused feature map (resdense_jax/cam.py): the head's COVID weights projected
 onto the added ResNet + DenseNet features before pooling, i.e. each location's contribution to the COVID logit.
+
+The scan is read as the checkpoint's training run read it (`Predictor.read`): with `config.data.lung_crop` the
+figures and maps show each slice's lung crop, with `drop_lungless_slices` only the slices kept; slices of other
+sizes than the scan's most common one are shown resized to it (with a warning naming them).
+
+With test-time augmentation (`--tta=flip`, or the checkpoint's config.eval.tta) the probabilities are the
+mean over each slice and its left-right mirror, as `predict` computes them, and each map is the mean of the
+slice's map and the mirrored slice's map mirrored back.
 """
 
 from __future__ import annotations
@@ -63,30 +71,37 @@ def _map_fn(predictor, method: str, layer: str | None):
   return cache[key]
 
 
-def activation_maps(predictor, slices: np.ndarray, *, method: str = "cam", layer: str | None = None
+def activation_maps(predictor, slices, *, method: str = "cam", layer: str | None = None, shape=None
                     ) -> tuple[np.ndarray, np.ndarray]:
-  """(maps [n, h, w] upsampled to the slices' size, P(COVID) [n]) of uint8 [n, h, w] slices."""
+  """(maps [n, h, w] upsampled to `shape` (default: the first slice's size), P(COVID) [n]) of uint8 [h, w]
+  slices (an array [n, h, w], or a list whose sizes may differ)."""
   if method == "gradcam" and not layer:
     layer = predictor.model.backbones[0]
   fn = _map_fn(predictor, method, layer)
-  slices = np.asarray(slices)
+  shape = tuple(shape or np.shape(slices[0]))
   maps, probs = [], []
   for start in range(0, len(slices), predictor.batch_size):
     images = predictor.model_inputs(slices[start:start + predictor.batch_size])
     count = len(images)
     images = np.concatenate([images, np.zeros((predictor.batch_size - count, *images.shape[1:]), np.uint8)])
     out = fn(predictor.variables, images)
-    maps.append(np.asarray(cam.upsample(out["cam"][:count], tuple(slices.shape[1:]))))
-    probs.append(np.asarray(out["prob"][:count], np.float32))
+    heat, prob = out["cam"][:count], out["prob"][:count]
+    if getattr(predictor, "tta", "none") == "flip":  # the mirror's map, mirrored back onto the slice
+      mirrored = fn(predictor.variables, images[:, :, ::-1])
+      heat = (heat + mirrored["cam"][:count, :, ::-1]) / 2
+      prob = (prob + mirrored["prob"][:count]) / 2
+    maps.append(np.asarray(cam.upsample(heat, shape)))
+    probs.append(np.asarray(prob, np.float32))
   return np.concatenate(maps), np.concatenate(probs)
 
 
 def explain_scan(predictor, scan_or_path, *, method: str = "cam", layer: str | None = None) -> ScanExplanation:
   """Slice probabilities, the scan's score and an activation map of every slice."""
-  scan = scan_or_path if hasattr(scan_or_path, "slices") else data.read_scan(scan_or_path)
+  read = predictor.read(scan_or_path)  # the training run's reading path (lung crop included)
+  scan = read.to_scan()  # the slices as read and cropped, before resizing: what the figures show
   if method == "gradcam" and not layer:
     layer = predictor.model.backbones[0]
-  maps, probs = activation_maps(predictor, scan.slices, method=method, layer=layer)
+  maps, probs = activation_maps(predictor, read.slices, method=method, layer=layer, shape=scan.slices.shape[1:])
   return ScanExplanation(scan=scan, slice_probs=probs, p_covid=predictor.scan_score(probs), maps=maps,
                          method=method, threshold=predictor.threshold, layer=layer)
 
@@ -241,6 +256,8 @@ def main(argv: Sequence[str]) -> int:
   flags.DEFINE_float("threshold", None, "COVID threshold; default: the checkpoint's.", flag_values=fv)
   flags.DEFINE_enum("aggregation", None, ["mean", "vote"], "Scan rule; default: the checkpoint's.",
                     flag_values=fv)
+  flags.DEFINE_enum("tta", None, ["none", "flip"], "Test-time augmentation: flip = mean over each slice and its "
+                    "mirror (maps too); default: the checkpoint's config.eval.tta.", flag_values=fv)
   flags.DEFINE_boolean("cpu_ynnpack", False, "XLA's YNNPACK convolution fusions on CPU (default off: Eigen's "
                        "convolutions, faster on the machines measured; resdense_jax/cpu_flags.py).", flag_values=fv)
   flags.DEFINE_string("compilation_cache_dir", compilation_cache.DEFAULT_DIR, "Persistent XLA compilation "
@@ -255,15 +272,16 @@ def main(argv: Sequence[str]) -> int:
           "[--method=cam|gradcam] [--layer=NAME] [--top_k=4]", file=sys.stderr)
     return 2
   try:
-    scan = data.read_scan(fv.scan)
+    data.SliceReader(fv.scan)  # a missing or unreadable scan fails here, before the checkpoint loads
   except (OSError, ValueError) as error:
     print(f"error: cannot read the scan: {error}", file=sys.stderr)
     return 1
   cpu_flags.set_ynnpack(fv.cpu_ynnpack)  # before anything starts a JAX backend
   compilation_cache.enable(fv.compilation_cache_dir)
-  predictor = predict.Predictor.from_checkpoint(fv.checkpoint, aggregation=fv.aggregation, threshold=fv.threshold)
+  predictor = predict.Predictor.from_checkpoint(fv.checkpoint, aggregation=fv.aggregation, threshold=fv.threshold,
+                                                tta=fv.tta)
   try:
-    explanation = explain_scan(predictor, scan, method=fv.method, layer=fv.layer)
+    explanation = explain_scan(predictor, fv.scan, method=fv.method, layer=fv.layer)
   except ValueError as error:
     print(f"error: {error}", file=sys.stderr)
     return 1

@@ -95,6 +95,41 @@ def classification_metrics(labels: np.ndarray, scores: np.ndarray, *, threshold:
   }
 
 
+def best_threshold(labels: np.ndarray, scores: np.ndarray, *, prefer: float = 0.5) -> tuple[float, float]:
+  """(threshold, macro-F1 there): the threshold maximising macro-F1 of `score > threshold`.
+
+  Every split of the sorted distinct scores into "non-COVID below, COVID above" is tried (the only
+  thresholds that give different predictions). The threshold returned for a split is the midpoint of the gap
+  between the highest score it calls non-COVID and the lowest it calls COVID (the middle of the gap, not a
+  score that sits on its edge); the outermost splits use the midpoints towards 0 and 1. When several splits
+  reach the same macro-F1 (within 1e-12), the one whose threshold is nearest `prefer` wins (the configured
+  threshold, 0.5), and of two equally near the lower one. Macro-F1 as `classification_metrics` computes it
+  (both classes, 0 where a class has no true and no predicted scan).
+  """
+  labels = np.asarray(labels, np.int64)
+  scores = np.asarray(scores, np.float64)
+  if not len(scores) or not np.isfinite(scores).all():
+    raise ValueError(f"the threshold search needs finite scores, got {len(scores)} scores")
+  distinct, inverse = np.unique(scores, return_inverse=True)
+  # Split k (0..K) calls the k lowest distinct scores non-COVID: fn / tn count those scores' labels.
+  fn = np.r_[0, np.cumsum(np.bincount(inverse, weights=labels == 1, minlength=len(distinct)))]
+  tn = np.r_[0, np.cumsum(np.bincount(inverse, weights=labels == 0, minlength=len(distinct)))]
+  tp, fp = fn[-1] - fn, tn[-1] - tn
+  with np.errstate(invalid="ignore", divide="ignore"):
+    f1_covid = np.where(2 * tp + fp + fn > 0, 2 * tp / (2 * tp + fp + fn), 0.0)
+    f1_noncovid = np.where(2 * tn + fn + fp > 0, 2 * tn / (2 * tn + fn + fp), 0.0)
+  macro = (f1_covid + f1_noncovid) / 2.0
+  lower = np.r_[0.0 if distinct[0] > 0 else np.nextafter(distinct[0], -np.inf), distinct]
+  upper = np.r_[distinct, max(1.0, distinct[-1])]
+  thresholds = (lower + upper) / 2.0
+  # A midpoint must stay in [lower, upper): rounding can land it on `upper` for adjacent floats.
+  thresholds = np.where(thresholds >= upper, lower, thresholds)
+  candidates = np.flatnonzero(macro >= macro.max() - 1e-12)
+  distance = np.abs(thresholds[candidates] - prefer)
+  best = candidates[np.flatnonzero(distance == distance.min())[0]]  # ascending: the lower of two
+  return float(thresholds[best]), float(macro[best])
+
+
 def scan_and_slice_metrics(slice_probs: np.ndarray, slice_labels: np.ndarray, scan_index: np.ndarray,
                            scan_labels: np.ndarray, *, rule: str = "mean", threshold: float = 0.5) -> dict:
   """Everything reported after an evaluation: "scan_*" metrics on aggregated scores, and slice accuracy."""
@@ -104,6 +139,9 @@ def scan_and_slice_metrics(slice_probs: np.ndarray, slice_labels: np.ndarray, sc
     missing = np.flatnonzero(np.isnan(scan_scores))
     raise ValueError(f"{len(missing)} scans got no slice in the evaluation (first: scan index {missing[0]})")
   result = {f"scan_{k}": v for k, v in classification_metrics(scan_labels, scan_scores, threshold=threshold).items()}
+  # The threshold a user may prefer to the configured one (predict --threshold=best reads the best checkpoint's).
+  result["scan_best_threshold"], result["scan_best_threshold_macro_f1"] = best_threshold(
+      scan_labels, scan_scores, prefer=threshold)
   slice_preds = (np.asarray(slice_probs) > 0.5).astype(np.int64)
   result["slice_accuracy"] = float((slice_preds == np.asarray(slice_labels, np.int64)).mean())
   result["num_scans"] = int(len(scan_labels))

@@ -70,16 +70,38 @@ def scale_by_adam_keras(beta_1: float = 0.9, beta_2: float = 0.999,
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def learning_rate_schedule(config, num_steps: int) -> optax.Schedule:
-  """The phase's learning rate over its `num_steps` steps: constant | cosine | warmup_cosine."""
+def warmup_steps(config, steps_per_epoch: int | None = None) -> int:
+  """The phase's warmup in steps: `warmup_steps`, or `warmup_epochs` times the steps of an epoch."""
+  steps, epochs = int(config.get("warmup_steps", 0)), float(config.get("warmup_epochs", 0.0))
+  if steps < 0 or epochs < 0:
+    raise ValueError(f"warmup_steps ({steps}) and warmup_epochs ({epochs}) must not be negative")
+  if epochs:
+    if steps:
+      raise ValueError(f"set warmup_steps ({steps}) or warmup_epochs ({epochs}), not both")
+    if steps_per_epoch is None:
+      raise ValueError(f"warmup_epochs ({epochs}) needs the steps per epoch; give warmup_steps instead")
+    steps = int(round(epochs * steps_per_epoch))
+  return steps
+
+
+def learning_rate_schedule(config, num_steps: int, steps_per_epoch: int | None = None) -> optax.Schedule:
+  """The phase's learning rate over its `num_steps` steps: constant | cosine | warmup_cosine.
+
+  Any schedule with a warmup (`warmup_steps`, or `warmup_epochs` resolved with `steps_per_epoch`) rises
+  linearly from 0 at the phase's step 0 to the peak at step w, then follows the schedule: constant stays at the
+  peak, cosine decays to 0 at the phase's end (warmup_cosine is cosine with a warmup). RMSprop's and Adam's
+  first steps are their largest (the second-moment estimate starts at 0), which the warmup damps.
+  """
   lr = float(config.learning_rate)
   name = config.get("schedule", "constant")
+  warmup = warmup_steps(config, steps_per_epoch)
   if name == "constant":
-    return optax.constant_schedule(lr)
-  if name == "cosine":
+    if not warmup:
+      return optax.constant_schedule(lr)
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)], [warmup])
+  if name == "cosine" and not warmup:
     return optax.cosine_decay_schedule(lr, decay_steps=max(num_steps, 1))
-  if name == "warmup_cosine":
-    warmup = int(config.get("warmup_steps", 0))
+  if name in ("cosine", "warmup_cosine"):
     return optax.warmup_cosine_decay_schedule(0.0, lr, warmup_steps=warmup, decay_steps=max(num_steps, warmup + 1))
   raise ValueError(f"unknown learning-rate schedule {name!r}; choose constant, cosine or warmup_cosine")
 
@@ -89,9 +111,9 @@ def _decay_mask(params):
   return jax.tree.map(lambda p: p.ndim > 1, params)
 
 
-def base_optimizer(config, num_steps: int) -> optax.GradientTransformation:
+def base_optimizer(config, num_steps: int, steps_per_epoch: int | None = None) -> optax.GradientTransformation:
   """The optimizer of one phase, from its config (name, learning_rate, schedule, weight_decay, ...)."""
-  lr = learning_rate_schedule(config, num_steps)
+  lr = learning_rate_schedule(config, num_steps, steps_per_epoch)
   name = config.name
   if name == "rmsprop":
     scale = optax.scale_by_rms(decay=config.get("rho", 0.9), eps=config.get("epsilon", 1e-7), eps_in_sqrt=True)
@@ -110,9 +132,11 @@ def base_optimizer(config, num_steps: int) -> optax.GradientTransformation:
   return optax.chain(*chain)
 
 
-def create_optimizer(config, labels, num_steps: int) -> optax.GradientTransformation:
+def create_optimizer(config, labels, num_steps: int,
+                     steps_per_epoch: int | None = None) -> optax.GradientTransformation:
   """The phase's optimizer on trainable parameters; frozen ones get `set_to_zero` and no state."""
-  return optax.multi_transform({TRAINABLE: base_optimizer(config, num_steps), FROZEN: optax.set_to_zero()}, labels)
+  return optax.multi_transform({TRAINABLE: base_optimizer(config, num_steps, steps_per_epoch),
+                                FROZEN: optax.set_to_zero()}, labels)
 
 
 # ------------------------------------------------------------------------------------------------- freezing
@@ -233,3 +257,67 @@ def apply_trainable_update(tx: optax.GradientTransformation, params, labels, tra
   updates, opt_state = tx.update(merge(trainable_grads, zeros_for(frozen)), opt_state, params)
   trainable_updates, _ = split(updates, labels)
   return merge(optax.apply_updates(trainable, trainable_updates), frozen), opt_state
+
+
+# ---------------------------------------------------------------------------- exponential moving average
+
+
+def ema_init(params, batch_stats, labels) -> dict:
+  """A phase's EMA state as it starts: copies of its trainable parameters and of every BatchNorm statistic.
+
+  {"params": the trainable leaves only (a sub-tree of params; a frozen parameter's average is itself, so it
+  needs no state), "batch_stats": the whole tree}. Copies: the train step donates the state, and one buffer
+  cannot be donated twice.
+  """
+  trainable, _ = split(params, labels)
+  return {"params": traverse_util.unflatten_dict({k: jnp.copy(v) for k, v in trainable.items()}),
+          "batch_stats": jax.tree.map(jnp.copy, batch_stats)}
+
+
+def ema_for_phase(ema: dict, params, labels) -> dict:
+  """The EMA carried into a new phase: parameters trainable in both phases keep their average, newly trainable
+  ones start at their current value, newly frozen ones drop out (their value is fixed from now on)."""
+  trainable, _ = split(params, labels)
+  averaged = traverse_util.flatten_dict(ema["params"])
+  return {"params": traverse_util.unflatten_dict({k: averaged[k] if k in averaged else jnp.copy(v)
+                                                  for k, v in trainable.items()}),
+          "batch_stats": ema["batch_stats"]}
+
+
+def ema_decay_at(decay: float, updates_before, *, warmup: bool) -> jax.Array:
+  """The decay of the phase's update number `updates_before` + 1: `decay`, or with `warmup`
+  min(decay, (1 + t) / (10 + t)) (tf.train.ExponentialMovingAverage's `num_updates` form).
+
+  Why the warmup: the average starts at the phase's first weights (a random or zero head, backbones that have
+  not moved yet); at decay 0.999 they would still weigh 37% after 1000 steps. With it, the average follows the
+  weights closely at first (t = 0: 0.1, t = 90: 0.91) and reaches `decay` after 9 / (1 - decay) updates.
+  """
+  decay = jnp.asarray(decay, jnp.float32)
+  if not warmup:
+    return decay
+  t = jnp.asarray(updates_before, jnp.float32)
+  return jnp.minimum(decay, (1.0 + t) / (10.0 + t))
+
+
+def ema_update(ema: dict, params, batch_stats, decay: jax.Array) -> dict:
+  """One EMA step towards the weights after an update: e + (1 - decay) * (x - e) for every averaged leaf.
+
+  In this form a leaf equal to its average (a frozen BatchNorm's statistics) keeps it bitwise.
+  """
+  def towards(average, value):
+    return average + (1.0 - decay).astype(average.dtype) * (value - average)
+
+  flat = traverse_util.flatten_dict(params)
+  averaged = {k: towards(e, flat[k]) for k, e in traverse_util.flatten_dict(ema["params"]).items()}
+  return {"params": traverse_util.unflatten_dict(averaged),
+          "batch_stats": jax.tree.map(towards, ema["batch_stats"], batch_stats)}
+
+
+def ema_variables(params, ema: dict | None, batch_stats=None) -> dict:
+  """{"params", "batch_stats"} for inference: the averages where there are some, the raw value elsewhere
+  (frozen parameters). `ema` None: the raw `params` and `batch_stats`."""
+  if ema is None:
+    return {"params": params, "batch_stats": batch_stats}
+  flat = traverse_util.flatten_dict(params)
+  flat.update(traverse_util.flatten_dict(ema["params"]))
+  return {"params": traverse_util.unflatten_dict(flat), "batch_stats": ema["batch_stats"]}

@@ -9,7 +9,10 @@ COV19-CT-DB root. Every slice goes through the model exactly as the evaluation s
 checkpoint's image size, grey to RGB, `train.eval_step`), and a scan's score is its slices' probabilities
 aggregated by the checkpoint's rule (`config.eval.aggregation`, the paper's mean by default) over the middle
 fraction of slices the evaluation uses (`config.eval.middle_fraction`); a scan is COVID when its score is above
-`config.eval.threshold`. `--aggregation` and `--threshold` override them.
+`config.eval.threshold`. `--aggregation` and `--threshold` override them; `--threshold=best` takes the threshold
+that maximised the validation scan macro-F1 when the loaded checkpoint was evaluated (recorded in its meta).
+`--tta=flip` (default: the checkpoint's `config.eval.tta`, "none" unless set) makes each slice's probability
+the mean over the slice and its left-right mirror (the training augmentation's flip; evaluate.py).
 
 Library use:
 
@@ -33,7 +36,7 @@ import numpy as np
 import tqdm
 from absl import flags
 
-from resdense_jax import checkpoints, compilation_cache, cpu_flags, data, metrics, sharding, train
+from resdense_jax import checkpoints, compilation_cache, cpu_flags, data, evaluate, metrics, sharding, train
 from resdense_jax.data import augment, dicom, pipeline, scans
 from resdense_jax.data.discover import SPLIT_NAMES, scans_in
 
@@ -49,13 +52,16 @@ _CLASS_FOLDERS = {"covid": 1, "noncovid": 0}
 @dataclasses.dataclass
 class ScanPrediction:
   """One scan's prediction. `label` is the predicted class (1 COVID, 0 non-COVID); `true_label` the known
-  class from a labelled collection folder (None otherwise). `slice_probs` covers every slice read."""
+  class from a labelled collection folder (None otherwise). `slice_probs` covers every slice read;
+  `slice_indices` gives each one's position in the scan (None: 0, 1, ...; they differ where slices did not
+  decode or were dropped as lungless)."""
   scan_id: str
   path: pathlib.Path
   p_covid: float
   label: int
   slice_probs: np.ndarray
   true_label: int | None = None
+  slice_indices: np.ndarray | None = None
 
   @property
   def n_slices(self) -> int:
@@ -131,34 +137,61 @@ class Predictor:
   Attributes:
     model, variables, config: as `checkpoints.load_for_inference` returns them.
     aggregation: "mean" (the paper) or "vote" (the authors' code); threshold: COVID when score > threshold.
+    tta: "none" or "flip" (slice probability: mean over the slice and its mirror); default config.eval.tta.
+    threshold_source: where the threshold came from, for the summary.
   """
 
   def __init__(self, model, variables: dict, config, *, aggregation: str | None = None,
-               threshold: float | None = None, batch_size: int | None = None):
+               threshold: float | str | None = None, batch_size: int | None = None, tta: str | None = None):
     self.model, self.config = model, config
     self.aggregation = aggregation or config.eval.aggregation
     if self.aggregation not in metrics.AGGREGATIONS:
       raise ValueError(f"unknown aggregation {self.aggregation!r}; choose one of {metrics.AGGREGATIONS}")
+    if threshold == "best":
+      raise ValueError("threshold='best' is read from a checkpoint's meta: use "
+                       "Predictor.from_checkpoint(checkpoint_dir, threshold='best')")
     self.threshold = float(config.eval.threshold if threshold is None else threshold)
+    self.threshold_source = "the checkpoint's config.eval.threshold" if threshold is None else "given"
+    self.tta = evaluate.check_tta(tta or config.eval.get("tta", "none"))
     self.image_size = int(config.data.image_size)
     self.middle_fraction = float(config.eval.middle_fraction)
+    # The training run's reading path: decoding, lung crop, lungless slices (data.read_scan_slices).
+    self.read_options = data.ReadOptions.from_config(config.data)
     self.batch_size = int(batch_size or config.eval.batch_size)
     mesh = sharding.create_mesh()
     if self.batch_size % mesh.size:
       raise ValueError(f"batch size {self.batch_size} must divide evenly over the {mesh.size} devices")
     self._sharding = sharding.data_sharded(mesh)
     self.variables = jax.device_put(variables, sharding.replicated(mesh))
-    self._eval_fn = train.compile_eval_step(model, mesh)
+    self._eval_fn = train.compile_eval_step(model, mesh, tta=self.tta)
 
   @classmethod
   def from_checkpoint(cls, checkpoint_dir: str | os.PathLike, **overrides) -> "Predictor":
-    """From a workdir, its checkpoints/ folder (the best step) or one step folder."""
-    model, variables, config = checkpoints.load_for_inference(checkpoint_dir)
-    return cls(model, variables, config, **overrides)
+    """From a workdir, its checkpoints/ folder (the best step) or one step folder.
 
-  def model_inputs(self, slices: np.ndarray) -> np.ndarray:
-    """uint8 [n, h, w] slices -> uint8 [n, S, S, 3], the eval pipeline's resize and grey-to-RGB."""
+    `threshold="best"`: the threshold that maximised the validation scan macro-F1 at that checkpoint's
+    evaluation (a ValueError naming the step folder when the checkpoint records none).
+    """
+    best = None
+    if overrides.get("threshold") == "best":
+      best = checkpoints.load_threshold(checkpoint_dir)
+      overrides["threshold"] = best[0]
+    model, variables, config = checkpoints.load_for_inference(checkpoint_dir)
+    predictor = cls(model, variables, config, **overrides)
+    if best is not None:
+      predictor.threshold_source = f"best on validation (scan macro-F1 {best[1]:.4f} there)"
+    return predictor
+
+  def model_inputs(self, slices) -> np.ndarray:
+    """uint8 [h, w] slices (sizes may differ) -> uint8 [n, S, S, 3], the eval pipeline's resize and grey-to-RGB."""
     return np.stack([augment.grey_to_rgb(augment.resize(s, self.image_size)) for s in slices])
+
+  def read(self, scan_or_ref) -> data.ScanSlices:
+    """A scan (path, data.ScanRef, data.Scan, or data.ScanSlices as read) through the training run's reading
+    path: the slices the eval pipeline would feed, before resizing (data.read_scan_slices)."""
+    if isinstance(scan_or_ref, data.ScanSlices):
+      return scan_or_ref
+    return data.read_scan_slices(scan_or_ref, self.read_options)
 
   def slice_probabilities(self, slices: np.ndarray) -> np.ndarray:
     """P(COVID) of every slice of uint8 [n, h, w] `slices`, float32 [n]."""
@@ -182,20 +215,19 @@ class Predictor:
     return float(metrics.aggregate_scans(kept, np.zeros(len(kept), np.int64), 1, rule=self.aggregation)[0])
 
   def predict_scan(self, scan_or_path) -> tuple[float, np.ndarray]:
-    """(P(COVID) of the scan, P(COVID) of each slice) for a data.Scan or a scan path."""
-    scan = self._read(scan_or_path)
-    slice_probs = self.slice_probabilities(scan.slices)
+    """(P(COVID) of the scan, P(COVID) of each slice read) for a scan path, data.ScanRef, data.Scan or
+    data.ScanSlices."""
+    scan = self.read(scan_or_path)
+    slice_probs = self.slice_probabilities(scan.model_inputs(self.image_size))
     return self.scan_score(slice_probs), slice_probs
 
   def predict(self, scan_or_ref) -> ScanPrediction:
     """A ScanPrediction for a data.Scan, data.ScanRef or path (raises when it cannot be read)."""
-    ref_label = getattr(scan_or_ref, "label", None) if not hasattr(scan_or_ref, "slices") else None
-    scan = self._read(scan_or_ref)
+    scan = self.read(scan_or_ref)
     p_covid, slice_probs = self.predict_scan(scan)
-    true_label = scan.label if scan.label is not None else ref_label
     return ScanPrediction(scan_id=scan.scan_id, path=pathlib.Path(scan.path or scan.scan_id),
                           p_covid=p_covid, label=int(p_covid > self.threshold), slice_probs=slice_probs,
-                          true_label=true_label)
+                          true_label=scan.label, slice_indices=scan.indices)
 
   def predict_many(self, inputs: Iterable, *, progress: bool = True
                    ) -> tuple[list[ScanPrediction], list[Failure]]:
@@ -212,13 +244,6 @@ class Predictor:
         tqdm.tqdm.write(f"cannot read {failures[-1].message}", file=sys.stderr)
     return predictions, failures
 
-  @staticmethod
-  def _read(scan_or_ref):
-    if hasattr(scan_or_ref, "slices"):
-      return scan_or_ref
-    if hasattr(scan_or_ref, "scan_id") and hasattr(scan_or_ref, "path"):
-      return data.read_scan(scan_or_ref.path, scan_id=scan_or_ref.scan_id, label=scan_or_ref.label)
-    return data.read_scan(scan_or_ref)
 
 
 # ------------------------------------------------------------------------------------------------ outputs
@@ -253,8 +278,9 @@ def _rows(predictions: Sequence[ScanPrediction]) -> list[tuple]:
 
 def write_per_slice(predictions: Sequence[ScanPrediction], path) -> pathlib.Path:
   """`scan_id,path,slice_index,p_covid`, slices in body-axis order."""
-  rows = [(p.scan_id, str(p.path), i, repr(float(prob)))
-          for p in predictions for i, prob in enumerate(p.slice_probs)]
+  rows = [(p.scan_id, str(p.path), int(i), repr(float(prob))) for p in predictions
+          for i, prob in zip(range(len(p.slice_probs)) if p.slice_indices is None else p.slice_indices,
+                             p.slice_probs)]
   return _write_atomic(path, rows, PER_SLICE_COLUMNS)
 
 
@@ -274,7 +300,8 @@ def summary(predictions: Sequence[ScanPrediction], failures: Sequence[Failure], 
   """A few lines: counts per predicted class, failures, and metrics where the true classes are known."""
   covid = sum(p.label for p in predictions)
   lines = [f"predicted {len(predictions)} scans ({covid} COVID, {len(predictions) - covid} non-COVID; "
-           f"{predictor.aggregation} of slice probabilities > {predictor.threshold:g})"]
+           f"{predictor.aggregation} of slice probabilities > {predictor.threshold:g})",
+           f"threshold {predictor.threshold:g}: {predictor.threshold_source}; test-time augmentation: {predictor.tta}"]
   if failures:
     lines.append(f"{len(failures)} inputs could not be read:")
     lines.extend(f"  {f.message}" for f in failures)
@@ -305,8 +332,12 @@ def parse_flags(argv: Sequence[str]):
                       flag_values=fv)
   flags.DEFINE_enum("aggregation", None, ["mean", "vote"], "Scan rule; default: the checkpoint's config.eval.",
                     flag_values=fv)
-  flags.DEFINE_float("threshold", None, "COVID when the scan score is above this; default: the checkpoint's.",
-                     flag_values=fv)
+  flags.DEFINE_string("threshold", None, "COVID when the scan score is above this number; 'best': the threshold "
+                      "that maximised validation scan macro-F1 at the checkpoint's evaluation; default: the "
+                      "checkpoint's config.eval.threshold.", flag_values=fv)
+  flags.DEFINE_enum("tta", None, list(evaluate.TTA_MODES), "Test-time augmentation: flip = mean slice probability "
+                    "over the slice and its left-right mirror; default: the checkpoint's config.eval.tta.",
+                    flag_values=fv)
   flags.DEFINE_integer("batch_size", None, "Slices per forward pass; default: config.eval.batch_size.",
                        flag_values=fv)
   flags.DEFINE_boolean("progress", True, "Show a progress bar over the scans.", flag_values=fv)
@@ -318,7 +349,18 @@ def parse_flags(argv: Sequence[str]):
   extra = fv(list(argv))[1:]
   if extra:
     raise flags.Error(f"unexpected arguments: {' '.join(extra)}")
+  threshold_flag(fv.threshold)  # a malformed --threshold is a usage error
   return fv
+
+
+def threshold_flag(value: str | None) -> float | str | None:
+  """--threshold's value: None (the checkpoint's), "best", or a number."""
+  if value is None or value == "best":
+    return value
+  try:
+    return float(value)
+  except ValueError:
+    raise flags.Error(f"--threshold must be a number or 'best', got {value!r}") from None
 
 
 def main(argv: Sequence[str]) -> int:
@@ -328,7 +370,7 @@ def main(argv: Sequence[str]) -> int:
   except flags.Error as error:
     print(f"error: {error}\nusage: python -m resdense_jax.predict --checkpoint=DIR --input=PATH "
           "[--out=FILE.csv] [--per_slice=FILE.csv] [--submission=DIR] [--aggregation=mean|vote] "
-          "[--threshold=T]", file=sys.stderr)
+          "[--threshold=T|best] [--tta=none|flip]", file=sys.stderr)
     return 2
   try:
     refs = find_scans(fl.input)
@@ -337,8 +379,13 @@ def main(argv: Sequence[str]) -> int:
     return 1
   cpu_flags.set_ynnpack(fl.cpu_ynnpack)  # before anything starts a JAX backend
   compilation_cache.enable(fl.compilation_cache_dir)
-  predictor = Predictor.from_checkpoint(fl.checkpoint, aggregation=fl.aggregation, threshold=fl.threshold,
-                                        batch_size=fl.batch_size)
+  try:
+    predictor = Predictor.from_checkpoint(fl.checkpoint, aggregation=fl.aggregation,
+                                          threshold=threshold_flag(fl.threshold), batch_size=fl.batch_size,
+                                          tta=fl.tta)
+  except ValueError as error:  # e.g. --threshold=best on a checkpoint that records no threshold
+    print(f"error: {error}", file=sys.stderr)
+    return 1
   predictions, failures = predictor.predict_many(refs, progress=fl.progress)
   print(summary(predictions, failures, predictor), file=sys.stderr)
   if not predictions:

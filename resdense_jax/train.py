@@ -36,6 +36,7 @@ from resdense_jax.models.build import DTYPES, create_model, plain  # noqa: F401 
 from resdense_jax.models.keras_layers import BN_MOMENTUM, REMAT_SAVED
 from resdense_jax.models.resdense import ResDenseNet
 from resdense_jax.sharding import create_mesh, data_sharded, replicated, state_sharding  # noqa: F401
+from resdense_jax.weights import pretrained
 
 REMAT_POLICIES = ("none", "blocks")
 
@@ -47,10 +48,27 @@ class TrainState:
   batch_stats: Any
   opt_state: Any
   rng: jax.Array
+  # config.train.ema_decay > 0: the exponential moving average of the weights (optim.ema_init: the phase's
+  # trainable parameters and every BatchNorm statistic), updated after every step; None when off.
+  ema: Any = None
 
   @property
   def variables(self) -> dict:
+    """The weights being trained."""
     return {"params": self.params, "batch_stats": self.batch_stats}
+
+  @property
+  def eval_variables(self) -> dict:
+    """The weights to evaluate, checkpoint for inference and predict with: the EMA when on, else `variables`."""
+    return optim.ema_variables(self.params, self.ema, self.batch_stats)
+
+
+@dataclasses.dataclass(frozen=True)
+class Ema:
+  """How a phase's train step averages the weights (config.train.ema_decay, ema_warmup)."""
+  decay: float
+  warmup: bool
+  start_step: int  # the phase's first step: the warmup counts the phase's updates from there
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +81,7 @@ class Phase:
   labels: Any
   model: ResDenseNet
   tx: optax.GradientTransformation
+  ema: Ema | None = None
 
 
 # -------------------------------------------------------------------------------------------------- model
@@ -76,31 +95,34 @@ def initialized(rng: jax.Array, model: ResDenseNet, image_size: int) -> dict:
 
 
 def load_pretrained(model: ResDenseNet, variables: dict, model_config) -> dict:
-  """Keras ImageNet weights into each backbone's sub-tree (config.model.pretrained == "imagenet")."""
-  if model_config.pretrained in ("", "none", None):
-    return variables
-  if model_config.pretrained != "imagenet":
-    raise ValueError(f"config.model.pretrained must be 'imagenet' or 'none', got {model_config.pretrained!r}")
+  """Keras weights into each backbone's sub-tree, as config.model.pretrained says: "imagenet", "none", a file,
+  or one of these per backbone (resdense_jax/weights/pretrained.py)."""
+  sources = pretrained.per_backbone(model_config.pretrained, model.backbones)
   params = dict(variables["params"])
   batch_stats = dict(variables["batch_stats"])
   for name, backbone in model.backbone_modules().items():
+    source = sources[name]
+    if source == pretrained.NONE:
+      continue
+    if source != pretrained.IMAGENET and source not in weights.REGISTRY:
+      pretrained.explicit_file(name, source)  # a missing file says which backbone and which config field
     try:
-      loaded = weights.load_keras(backbone, "imagenet", cache_dir=model_config.weights_dir or None,
+      loaded = weights.load_keras(backbone, source, cache_dir=model_config.weights_dir or None,
                                   download=model_config.download_weights)
     except weights.WeightsError as e:
-      raise weights.WeightsError(
-          f"ImageNet weights for {name}: {e}\nGet them with `python -m resdense_jax.weights` (see its --help), "
-          f"or let Keras download them once (keras.applications.{_keras_name(name)}(weights='imagenet', "
-          "include_top=False)), or put the published .h5 files into --config.model.weights_dir; "
-          "or train from scratch with --config.model.pretrained=none.") from e
+      if source == pretrained.IMAGENET:
+        raise weights.WeightsError(
+            f"ImageNet weights for {name}: {e}\n{pretrained.imagenet_hint(_keras_name(name))}") from e
+      raise weights.WeightsError(f"{e} ({pretrained.FIELD} for backbone {name!r})") from e
     params[name] = loaded["params"]
     batch_stats[name] = loaded["batch_stats"]
   return {"params": params, "batch_stats": batch_stats}
 
 
 def _keras_name(backbone: str) -> str:
-  return {"resnet": "ResNet", "densenet": "DenseNet"}[backbone.rstrip("0123456789")] + backbone.lstrip(
-      "resnetdenst")
+  """The keras.applications constructor of a backbone: resnet101 -> ResNet101, resnet50v2 -> ResNet50V2."""
+  family = "DenseNet" if backbone.startswith("densenet") else "ResNet"
+  return family + backbone[len(family):].upper()
 
 
 # ------------------------------------------------------------------------------------------------- phases
@@ -126,8 +148,14 @@ def create_phase(index: int, plan, config, params) -> Phase:
   labels = optim.freeze_labels(params, tuple(phase_config.freeze), keras_layers)
   frozen_bn = optim.frozen_batchnorm(labels, keras_layers)
   model = create_model(config.model, frozen_bn=tuple(frozen_bn.items()))
-  tx = optim.create_optimizer(phase_config.optimizer, labels, end - start)
-  return Phase(index, name, start, end, labels, model, tx)
+  epochs = int(phase_config.epochs)
+  tx = optim.create_optimizer(phase_config.optimizer, labels, end - start,
+                              steps_per_epoch=(end - start) // epochs if epochs else None)
+  decay = float(config.train.get("ema_decay", 0.0))
+  if not 0.0 <= decay < 1.0:
+    raise ValueError(f"config.train.ema_decay must be in [0, 1) (0: off), got {decay}")
+  ema = Ema(decay, bool(config.train.get("ema_warmup", True)), start) if decay else None
+  return Phase(index, name, start, end, labels, model, tx, ema)
 
 
 def phase_index_at(plan, step: int) -> int:
@@ -142,14 +170,22 @@ def phase_index_at(plan, step: int) -> int:
 
 
 def create_train_state(rng: jax.Array, variables: dict, phase: Phase) -> TrainState:
-  """Step 0 with the phase's fresh optimizer state."""
+  """Step 0 with the phase's fresh optimizer state (and EMA, when the phase averages)."""
+  ema = optim.ema_init(variables["params"], variables["batch_stats"], phase.labels) if phase.ema else None
   return TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
-                    batch_stats=variables["batch_stats"], opt_state=phase.tx.init(variables["params"]), rng=rng)
+                    batch_stats=variables["batch_stats"], opt_state=phase.tx.init(variables["params"]), rng=rng,
+                    ema=ema)
 
 
 def start_phase(state: TrainState, phase: Phase) -> TrainState:
-  """Each phase starts its own optimizer (fresh state) on the current weights."""
-  return state.replace(opt_state=phase.tx.init(state.params))
+  """Each phase starts its own optimizer (fresh state) on the current weights; the EMA carries on for
+  parameters trainable before and now (optim.ema_for_phase)."""
+  state = state.replace(opt_state=phase.tx.init(state.params))
+  if phase.ema is None:
+    return state.replace(ema=None)
+  if state.ema is None:
+    return state.replace(ema=optim.ema_init(state.params, state.batch_stats, phase.labels))
+  return state.replace(ema=optim.ema_for_phase(state.ema, state.params, phase.labels))
 
 
 def remat_policy(name: str):
@@ -180,10 +216,26 @@ def train_step(state: TrainState, batch: dict, *, model: ResDenseNet, tx: optax.
   return new_state, losses.step_metrics(loss, logits, batch["label"])
 
 
-def eval_step(variables: dict, images: jax.Array, *, model: ResDenseNet) -> jax.Array:
-  """P(COVID) of each slice, inference mode."""
-  logits = model.apply(variables, images, train=False)
-  return losses.covid_probability(logits)
+def with_ema(step_fn: Callable, ema: Ema) -> Callable:
+  """`step_fn(state, batch)` followed by one EMA update towards the weights it produced (inside the same jit)."""
+
+  def step_and_average(state: TrainState, batch: dict):
+    if state.ema is None:
+      raise ValueError("the phase averages the weights (config.train.ema_decay) but the state has no EMA; "
+                       "create it with create_train_state / start_phase")
+    new_state, metrics = step_fn(state, batch)
+    decay = optim.ema_decay_at(ema.decay, state.step - ema.start_step, warmup=ema.warmup)
+    return new_state.replace(ema=optim.ema_update(new_state.ema, new_state.params, new_state.batch_stats,
+                                                  decay)), metrics
+
+  return step_and_average
+
+
+def eval_step(variables: dict, images: jax.Array, *, model: ResDenseNet, tta: str = "none") -> jax.Array:
+  """P(COVID) of each slice, inference mode; with tta="flip" the mean over the slice and its mirror."""
+  probs = [losses.covid_probability(model.apply(variables, view, train=False))
+           for view in evaluate.tta_views(images, tta)]
+  return probs[0] if len(probs) == 1 else sum(probs) / len(probs)
 
 
 def batch_statistics(variables: dict, images: jax.Array, *, model: ResDenseNet) -> Any:
@@ -217,21 +269,27 @@ def precise_batch_stats(state: TrainState, batches, *, stats_fn: Callable, batch
   model at a large learning rate), so evaluation normalises with statistics of older weights. Only
   inference-mode statistics change; the training trajectory of the parameters does not.
   `stats_fn`: compile_batch_statistics(model, mesh), compiled once per phase rather than per evaluation.
+  With an EMA the statistics are those of the averaged weights (what is evaluated) and replace the EMA's.
   """
+  variables = state.eval_variables
+  base = variables["batch_stats"]
   total, count = None, 0
   for batch in tqdm.tqdm(batches, total=num_batches, desc="precise BN", unit="batch", leave=False,
                          dynamic_ncols=True):
     images = pipeline.to_global_batch({"image": batch["image"]}, batch_sharding)["image"]
     # Differences from the moving statistics: a frozen layer adds exactly 0 and keeps its statistics bitwise
     # (a plain sum / count of N equal values rounds).
-    delta = jax.tree.map(jnp.subtract, stats_fn(state.variables, images), state.batch_stats)
+    delta = jax.tree.map(jnp.subtract, stats_fn(variables, images), base)
     total = delta if total is None else jax.tree.map(jnp.add, total, delta)
     count += 1
     if count == num_batches:
       break
   if count == 0:
     raise ValueError("precise BatchNorm statistics need at least one training batch")
-  return state.replace(batch_stats=jax.tree.map(lambda old, d: old + d / count, state.batch_stats, total))
+  estimated = jax.tree.map(lambda old, d: old + d / count, base, total)
+  if state.ema is None:
+    return state.replace(batch_stats=estimated)
+  return state.replace(ema={**state.ema, "batch_stats": estimated})
 
 
 def compile_train_step(phase: Phase, loss_fn: Callable, mesh: Mesh, *, remat: str = "none",
@@ -242,14 +300,30 @@ def compile_train_step(phase: Phase, loss_fn: Callable, mesh: Mesh, *, remat: st
   """
   step = functools.partial(train_step, model=phase.model, tx=phase.tx, labels=phase.labels, loss_fn=loss_fn,
                            remat=remat)
+  if phase.ema is not None:
+    step = with_ema(step, phase.ema)
+  return _jit_step(step, mesh, state_shardings)
+
+
+def _jit_step(step: Callable, mesh: Mesh, state_shardings: Any = None):
   shardings = replicated(mesh) if state_shardings is None else state_shardings
   return jax.jit(step, in_shardings=(shardings, data_sharded(mesh)), out_shardings=(shardings, replicated(mesh)),
                  donate_argnums=0)
 
 
-def compile_eval_step(model: ResDenseNet, mesh: Mesh, *, variables_shardings: Any = None):
+def compile_head_step(phase: Phase, loss_fn: Callable, mesh: Mesh, *, state_shardings: Any = None):
+  """feature_cache's head step for this phase; with the phase's EMA update when it averages the weights."""
+  if phase.ema is None:
+    return feature_cache.compile_head_step(phase, loss_fn, mesh, state_shardings=state_shardings)
+  feature_cache.check(phase.model, phase.labels)
+  step = functools.partial(feature_cache.head_train_step, model=phase.model, tx=phase.tx, labels=phase.labels,
+                           loss_fn=loss_fn)
+  return _jit_step(with_ema(step, phase.ema), mesh, state_shardings)
+
+
+def compile_eval_step(model: ResDenseNet, mesh: Mesh, *, variables_shardings: Any = None, tta: str = "none"):
   """eval_step jit-compiled; one program per image shape (evaluation pads its last batch, so one per run)."""
-  step = functools.partial(eval_step, model=model)
+  step = functools.partial(eval_step, model=model, tta=evaluate.check_tta(tta))
   shardings = replicated(mesh) if variables_shardings is None else variables_shardings
   return jax.jit(step, in_shardings=(shardings, data_sharded(mesh)), out_shardings=replicated(mesh))
 
@@ -270,19 +344,27 @@ def compiled_with_progress(step_fn, what: str, *args):
 # ------------------------------------------------------------------------------------------------ the loop
 
 
-def save_resolved_config(config, workdir: pathlib.Path) -> None:
-  """config.json in the workdir and next to the checkpoints (load_for_inference reads the latter); process 0."""
+def save_resolved_config(config, workdir: pathlib.Path, pretrained_weights: dict | None = None) -> None:
+  """config.json in the workdir and next to the checkpoints (load_for_inference reads the latter); process 0.
+
+  `pretrained_weights` (weights.pretrained.record: each backbone's source, file, MD5, bytes) goes under the
+  top-level key "pretrained_weights", beside the config's fields.
+  """
   if jax.process_index() != 0:
     return
+  resolved = json.loads(config.to_json_best_effort())
+  if pretrained_weights is not None:
+    resolved[pretrained.RECORD_KEY] = pretrained_weights
   for folder in (workdir, workdir / "checkpoints"):
     folder.mkdir(parents=True, exist_ok=True)
-    checkpoints.write_json_atomic(folder / "config.json", json.loads(config.to_json_best_effort()))
+    checkpoints.write_json_atomic(folder / "config.json", resolved)
 
 
-def setup_run(config, workdir: pathlib.Path):
+def setup_run(config, workdir: pathlib.Path, *, fetch_weights: bool = True):
   """What a run settles before its first step: (train source, validation source, steps per epoch, phase plan).
 
-  Checks the batch sizes against the devices, finds the data and writes the resolved config.json.
+  Checks the batch sizes against the devices, finds the data, finds (a fresh run with `fetch_weights`: downloads)
+  the pretrained files and writes the resolved config.json with what each backbone starts from.
   """
   workdir.mkdir(parents=True, exist_ok=True)
   devices = len(jax.devices())
@@ -293,14 +375,16 @@ def setup_run(config, workdir: pathlib.Path):
   steps_per_epoch = pipeline.steps_per_epoch(train_source, config.train.batch_size,
                                              middle_fraction=config.data.middle_fraction)
   plan = plan_phases(config, steps_per_epoch)
-  save_resolved_config(config, workdir)
+  record = (pretrained.run_record(create_model(config.model), config.model, workdir, download_ok=fetch_weights)
+            if jax.process_index() == 0 else None)
+  save_resolved_config(config, workdir, record)
   return train_source, val_source, steps_per_epoch, plan
 
 
 def dry_run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
   """Everything train_and_evaluate settles before training, without training: the data, config.json, and per
   phase its steps, freezing and parameter counts. Shapes only: no weights loaded, nothing compiled."""
-  train_source, val_source, steps_per_epoch, plan = setup_run(config, pathlib.Path(workdir))
+  train_source, val_source, steps_per_epoch, plan = setup_run(config, pathlib.Path(workdir), fetch_weights=False)
   model = create_model(config.model)
   size = config.data.image_size
   params = jax.eval_shape(functools.partial(model.init, train=False), jax.random.PRNGKey(0),
@@ -313,7 +397,10 @@ def dry_run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> di
                    "trainable_params": counts[optim.TRAINABLE], "frozen_params": counts[optim.FROZEN]})
   return {"backbones": list(model.backbones), "image_size": size, "batch_size": config.train.batch_size,
           "train_scans": len(train_source.scans), "train_slices": int(np.sum(train_source.num_slices)),
-          "validation_scans": len(val_source.scans), "steps_per_epoch": steps_per_epoch, "phases": phases}
+          "validation_scans": len(val_source.scans), "steps_per_epoch": steps_per_epoch, "phases": phases,
+          # The loss options resolved as training would ("balanced" from the training slices' classes).
+          "class_weight": losses.from_config(config.train, train_slice_labels(train_source, config))[1],
+          "tta": evaluate.check_tta(config.eval.get("tta", "none"))}
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
@@ -332,6 +419,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   eval_every = steps_per_epoch * config.train.eval_every_epochs
   remat = config.train.get("remat", "none")
   remat_policy(remat)  # a misspelt policy fails here, not after the first phase
+  tta = evaluate.check_tta(config.eval.get("tta", "none"))  # likewise a misspelt test-time augmentation
 
   model = create_model(config.model)
   # Initial weights from the RBG generator: the init program compiles ~3x faster on CPU than with threefry
@@ -342,7 +430,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   train_iter = iter(pipeline.train_pipeline(
       train_source, image_size=config.data.image_size, batch_size=batch_size, seed=config.seed,
       num_epochs=None, augment=config.data.augment, rotation_factor=config.data.rotation_factor,
-      middle_fraction=config.data.middle_fraction, num_workers=config.data.num_workers))
+      middle_fraction=config.data.middle_fraction, num_workers=config.data.num_workers,
+      balanced=config.data.get("balanced_sampling", False)))
 
   manager = checkpoints.create_manager(workdir / "checkpoints", best_metric=config.eval.best_metric,
                                        async_save=config.train.async_checkpointing)
@@ -361,7 +450,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   fsdp = bool(config.train.get("fsdp", False))
   state = jax.device_put(state, state_sharding(state, mesh, fsdp=fsdp))
   writer = MetricWriter(workdir, resume_step=latest)
-  loss_fn = losses.get_loss(config.train.loss)
+  loss_fn, class_weight = losses.from_config(config.train, train_slice_labels(train_source, config))
+  if class_weight is not None:
+    print(f"class weights (non-COVID, COVID): {class_weight[0]:.4g}, {class_weight[1]:.4g} "
+          f"(config.train.class_weight={config.train.class_weight!r})", flush=True)
   batch_sharding = data_sharded(mesh)
   # The next batches are decoded and on their way to the devices while the current step runs.
   batches = prefetch.DevicePrefetcher(train_iter, batch_sharding, size=int(config.data.get("prefetch", 2)))
@@ -371,6 +463,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   step = int(state.step)
   stop = total_steps if max_steps is None else min(total_steps, step + max_steps)
   loss_sum, loss_count = float(meta["loss_sum"]), int(meta["loss_count"])
+  # Early stopping: evaluations since the best metric last improved, carried over a resume by the meta.
+  patience = int(config.train.get("patience", 0))
+  best_value, stale = meta.get("best_metric_value"), int(meta.get("evaluations_without_improvement", 0))
+  early_stop = None
+  if patience and stale >= patience:  # the run stopped early before: re-running it trains nothing
+    early_stop = meta.get("early_stop") or _early_stop_reason(config.eval.best_metric, stale, best_value, patience)
+    stop = step
+    print(f"{workdir}: stopped early at step {step}: {early_stop}. Nothing to train; raise "
+          "config.train.patience or set it to 0 to train on from there.", flush=True)
   record: dict = {}
   compiled_phase, step_fn, eval_fn, previous_loss = None, None, None, None
   period_start, period_wait, period_compile, period_steps = time.perf_counter(), batches.wait_s, 0.0, 0
@@ -388,7 +489,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
           # phase then trains the head alone and reads no batch from the pipeline.
           cache = feature_cache.build_from_config(config, train_source, state.variables, model=phase.model,
                                                   labels=phase.labels, mesh=mesh)
-          step_builder = feature_cache.compile_head_step(phase, loss_fn, mesh, state_shardings=shardings)
+          step_builder = compile_head_step(phase, loss_fn, mesh, state_shardings=shardings)
           what = f"the head step of phase {phase.name!r} (cached backbone features)"
         else:
           step_builder = compile_train_step(phase, loss_fn, mesh, remat=remat, state_shardings=shardings)
@@ -427,9 +528,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
           state = precise_batch_stats(state, sources.precise_bn_batches(train_source, config, step),
                                       stats_fn=stats_fn, batch_sharding=batch_sharding, num_batches=precise_bn)
         if eval_fn is None:  # inference ignores the phases' frozen BatchNorms: one program for the whole run
-          eval_fn = compile_eval_step(model, mesh, variables_shardings=state_sharding(state.variables, mesh,
-                                                                                      fsdp=fsdp))
-        results = evaluate.evaluate(eval_fn, state.variables, val_source, config, batch_sharding)
+          eval_fn = compile_eval_step(model, mesh, tta=tta,
+                                      variables_shardings=state_sharding(state.variables, mesh, fsdp=fsdp))
+        # The EMA weights when config.train.ema_decay > 0 (what the checkpoint's inference loads too).
+        results = evaluate.evaluate(eval_fn, state.eval_variables, val_source, config, batch_sharding)
         record = {"step": step, "epoch": -(-step // steps_per_epoch), "phase": phase.index,
                   "phase_name": phase.name, "train_loss": float(loss_sum) / max(loss_count, 1),
                   **{f"val_{k}": v for k, v in results.items()},
@@ -438,6 +540,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                   # loop waited for a batch, 0 when the loader keeps up.
                   "train_images_per_s": period_steps * batch_size / max(elapsed, 1e-9),
                   "data_wait_fraction": min(1.0, waited / max(elapsed, 1e-9))}
+        value = record[config.eval.best_metric]
+        if best_value is None or value > best_value:
+          best_value, stale = value, 0
+        else:
+          stale += 1
+        if patience:
+          record["evaluations_without_improvement"] = stale
+          if stale >= patience:
+            early_stop = record["early_stop"] = _early_stop_reason(config.eval.best_metric, stale, best_value,
+                                                                   patience)
         writer.write(record)
         tqdm.tqdm.write(summary_line(record))
         metrics = {config.eval.best_metric: record[config.eval.best_metric]}
@@ -445,9 +557,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
       every = config.train.checkpoint_every_steps
       if metrics is not None or (every and step % every == 0) or step == stop:
         meta = {"step": step, "phase": phase.index, "loss_sum": float(loss_sum), "loss_count": loss_count}
+        meta.update(best_metric_value=best_value, evaluations_without_improvement=stale)
+        if metrics is not None:  # the threshold predict --threshold=best reads from the best checkpoint
+          meta.update({k: record[k] for k in ("val_scan_best_threshold", "val_scan_best_threshold_macro_f1")})
+        if early_stop:
+          meta["early_stop"] = early_stop
         checkpoints.save(manager, step, state, batches, meta, metrics=metrics)
       if metrics is not None:
         period_start, period_wait, period_compile, period_steps = time.perf_counter(), batches.wait_s, 0.0, 0
+      if early_stop:
+        tqdm.tqdm.write(f"early stop at step {step}: {early_stop}")
+        break
   finally:
     batches.close()
   progress.close()
@@ -457,5 +577,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   record = dict(record)
   record["best_step"] = best
   record["best_" + config.eval.best_metric] = checkpoints.best_metric_value(manager, best, config.eval.best_metric)
+  if early_stop:
+    record["early_stop"] = early_stop
   manager.close()
   return record
+
+
+def train_slice_labels(train_source, config) -> np.ndarray:
+  """The 0/1 label of every training slice the pipeline draws from (config.data.middle_fraction applied)."""
+  source = pipeline.as_slice_source(train_source)
+  rows = pipeline.select_slices(source.num_slices, config.data.middle_fraction)
+  return np.asarray([ref.label for ref in source.scans], np.int64)[rows[:, 0]]
+
+
+def _early_stop_reason(best_metric: str, stale: int, best_value: float, patience: int) -> str:
+  """Why the run stopped, as metrics.jsonl, the checkpoint meta and the console say it."""
+  return (f"{best_metric} has not improved on its best {best_value:.4f} for {stale} evaluations "
+          f"(config.train.patience={patience})")

@@ -32,6 +32,9 @@ KERAS_APPLICATIONS = {
     "resnet50": keras.applications.ResNet50,
     "resnet101": keras.applications.ResNet101,
     "resnet152": keras.applications.ResNet152,
+    "resnet50v2": keras.applications.ResNet50V2,
+    "resnet101v2": keras.applications.ResNet101V2,
+    "resnet152v2": keras.applications.ResNet152V2,
     "densenet121": keras.applications.DenseNet121,
     "densenet169": keras.applications.DenseNet169,
     "densenet201": keras.applications.DenseNet201,
@@ -63,6 +66,10 @@ def _zero_initializers():
 
 def randomize_weights(model: keras.Model, seed: int = 0) -> None:
   rng = np.random.default_rng(seed)
+  # The last BatchNorm of a residual branch: `_3_bn` in ResNet v1; `_2_bn` in v2 (pre-activation), whose
+  # branch ends BN-ReLU-`_3_conv` and whose un-normalised sum would otherwise double in variance per block.
+  preact = any(layer.name.endswith("_preact_bn") for layer in model.layers)
+  last_branch_bn = "_2_bn" if preact else "_3_bn"
   for layer in model.layers:
     values = []
     for weight in layer.weights:
@@ -74,7 +81,7 @@ def randomize_weights(model: keras.Model, seed: int = 0) -> None:
         values.append(rng.normal(0.0, std, shape))
       elif name == "gamma":
         # A residual branch's last BN gets small gammas, so 30+ residual additions do not blow up activations.
-        low, high = (0.1, 0.2) if layer.name.endswith("_3_bn") else (0.8, 1.2)
+        low, high = (0.1, 0.2) if layer.name.endswith(last_branch_bn) else (0.8, 1.2)
         values.append(rng.uniform(low, high, shape))
       elif name in ("bias", "beta", "moving_mean"):
         values.append(rng.uniform(-0.2, 0.2, shape))
@@ -250,3 +257,74 @@ def keras_variables(keras_model, model) -> dict:
   trees.assert_same_structure(variables, jax.tree.map(lambda s: np.broadcast_to(np.zeros((), s.dtype), s.shape),
                                                       shapes))
   return variables
+
+
+# ---- Small Keras ResNet v1 / DenseNet, built by Keras's own builders, and the model files users save (issue 11).
+
+# Keras's stems are 64 wide and DenseNet's growth rate is 32; the depth and the ResNet widths are what shrink.
+SMALL_RESNET_FILTERS = (4, 8, 8, 8)
+# Constructor arguments of the Flax backbones (resdense_jax.models.BACKBONES) equal to `build_small_keras`.
+SMALL_BACKBONE_KWARGS = {"resnet50": dict(stage_sizes=(1, 1, 1, 1), filters=SMALL_RESNET_FILTERS),
+                         "densenet121": dict(blocks=(1, 1, 1, 1))}
+
+
+def build_small_keras(arch: str, *, seed: int = 0, name: str | None = None, scope: str | None = None,
+                      input_shape=(None, None, 3)) -> keras.Model:
+  """Keras's ResNet v1 ("resnet50") or DenseNet ("densenet121") builder at one block per stage, headless, with
+  random weights. `name` names the model (default `arch`); `scope` builds it inside `keras.name_scope(scope)`,
+  so its weight paths carry that prefix (`resnet50/conv1_conv/kernel`)."""
+  # pylint: disable=import-outside-toplevel
+  from keras.src.applications import densenet as keras_densenet
+  from keras.src.applications import resnet as keras_resnet
+
+  def stack_fn(x):
+    x = keras_resnet.stack_residual_blocks_v1(x, SMALL_RESNET_FILTERS[0], 1, stride1=1, name="conv2")
+    for stage, filters in enumerate(SMALL_RESNET_FILTERS[1:], start=3):
+      x = keras_resnet.stack_residual_blocks_v1(x, filters, 1, name=f"conv{stage}")
+    return x
+
+  builders = {
+      "resnet50": lambda: keras_resnet.ResNet(stack_fn, preact=False, use_bias=True, include_top=False,
+                                              weights=None, input_shape=input_shape, name=name or arch),
+      "densenet121": lambda: keras_densenet.DenseNet(blocks=[1, 1, 1, 1], include_top=False, weights=None,
+                                                     input_shape=input_shape, name=name or arch),
+  }
+  keras.backend.clear_session()  # Keras's automatic names (DenseNet's zero_padding2d) restart at 0
+  with _zero_initializers(), (keras.name_scope(scope) if scope else contextlib.nullcontext()):
+    model = builders[arch]()
+  randomize_weights(model, seed)
+  return model
+
+
+def classifier(backbones, *, kind: str = "sequential", classes: int = 2) -> keras.Model:
+  """A classifier around backbone model(s), as users build them for fine-tuning.
+
+  kind "sequential": `Sequential([Input, backbone, GlobalAveragePooling2D, Dense])`, the backbone one layer of
+  it; "functional" (forced for several backbones): a functional model that rescales its input and calls each
+  backbone on it as a layer, pooled features added; "extended": `Model(backbone.input, head(backbone.output))`,
+  the backbone's own layers followed by the head's (Keras's fine-tuning guide).
+  """
+  backbones = list(backbones) if isinstance(backbones, (list, tuple)) else [backbones]
+  rng = np.random.default_rng(len(backbones))
+  if kind == "sequential" and len(backbones) == 1:
+    model = keras.Sequential([keras.Input((32, 32, 3)), backbones[0], keras.layers.GlobalAveragePooling2D(),
+                              keras.layers.Dense(classes)])
+  elif kind == "extended":
+    x = keras.layers.Dense(8, activation="relu")(keras.layers.GlobalAveragePooling2D()(backbones[0].output))
+    model = keras.Model(backbones[0].input, keras.layers.Dense(classes)(x))
+  else:
+    inputs = keras.Input((32, 32, 3))
+    x = keras.layers.Rescaling(1.0)(inputs)
+    pooled = [keras.layers.Dense(8)(keras.layers.GlobalAveragePooling2D()(b(x))) for b in backbones]
+    x = keras.layers.Add()(pooled) if len(pooled) > 1 else pooled[0]
+    model = keras.Model(inputs, keras.layers.Dense(classes)(x))
+  for layer in model.layers:
+    if isinstance(layer, keras.layers.Dense):
+      layer.set_weights([rng.normal(0, 0.1, w.shape).astype(np.float32) for w in layer.get_weights()])
+  return model
+
+
+def save_full_h5(model: keras.Model, path: os.PathLike | str) -> pathlib.Path:
+  """`model.save("x.h5")`: Keras's legacy full-model HDF5 file (config, weights under `model_weights/`)."""
+  model.save(str(path))
+  return pathlib.Path(path)

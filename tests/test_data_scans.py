@@ -61,11 +61,13 @@ def test_stray_file_warns_with_its_path(tmp_path):
   assert len(scan.slices) == 3
 
 
-def test_mixed_slice_sizes_name_the_folder_and_odd_slice(tmp_path):
+def test_mixed_slice_sizes_resized_to_the_common_size_naming_the_odd_slice(tmp_path):
   folder = write_image_scan(tmp_path / "s", numbered_slices(3, size=16))
-  write_image_scan(folder, [np.zeros((20, 24), np.uint8)], names=["3.jpg"])
-  with pytest.raises(data.ScanError, match=re.escape(str(folder)) + ".*mixed slice sizes.*3.jpg"):
-    data.read_scan(folder)
+  write_image_scan(folder, [np.full((20, 24), 200, np.uint8)], names=["3.jpg"])
+  with pytest.warns(data.DataWarning, match=re.escape(str(folder)) + ".*mixed slice sizes.*3.jpg is 20x24"):
+    scan = data.read_scan(folder)
+  assert scan.slices.shape == (4, 16, 16)
+  assert _grey_levels(scan.slices) == [10, 30, 50, 200]
 
 
 def test_all_slices_corrupt_is_an_error(tmp_path):

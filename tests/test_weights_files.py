@@ -24,7 +24,7 @@ NAME = "densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5"
 def test_registry_matches_keras_applications():
   from keras.src.applications import densenet, resnet
   densenet_source = pathlib.Path(densenet.__file__).read_text()
-  assert len(weights.REGISTRY) == 12
+  assert len(weights.REGISTRY) == 18
   for name, entry in weights.REGISTRY.items():
     assert name == entry.file_name
     assert name == f"{entry.arch}_weights_tf_dim_ordering_tf_kernels{'' if entry.include_top else '_notop'}.h5"

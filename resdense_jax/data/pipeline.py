@@ -8,7 +8,7 @@ the pipelines below do not care where pixels come from.
 from __future__ import annotations
 
 import collections
-import functools
+import concurrent.futures
 import os
 import sys
 import threading
@@ -22,9 +22,9 @@ import numpy as np
 from absl import flags
 from tqdm import tqdm
 
-from resdense_jax.data import augment, dicom, nifti
-from resdense_jax.data.scans import (ScanError, ScanRef, SliceError, read_image_slice, read_scan,
-                                     scan_files, warn)
+from resdense_jax.data import augment, lungs
+from resdense_jax.data.scans import (ReadOptions, ScanError, ScanRef, ScanSlices, SliceError, SliceReader,
+                                     read_slices, warn)
 
 # Threads per process decoding and augmenting batches (cv2 releases the GIL).
 READ_THREADS = 8
@@ -78,42 +78,80 @@ def bad_slice_summary() -> str:
   return BAD_SLICES.summary()
 
 
+def kept_slices(count: int, box: lungs.LungBox | None, options: ReadOptions) -> np.ndarray:
+  """Slice indices the reading path keeps of a scan of `count` slices: all, or with drop_lungless_slices the
+  first to the last slice showing lung (all when none does; slices in between stay)."""
+  span = box.lung_range() if options.drop_lungless_slices and box is not None else None
+  return np.arange(*(span or (0, count)))
+
+
+def read_scan_slices(item, options: ReadOptions | None = None) -> ScanSlices:
+  """The one reading path for a whole scan (Predictor, explain): the slices `RawScans.load` gives one at a time
+  for the same scan and options, in order, before resizing (`ScanSlices.model_inputs` resizes them as
+  `model_slice` does). Every slice decoded by `SliceReader`; unreadable ones skipped with a warning; the
+  lungless ends dropped and the rest cropped to the scan's lung box where `options` say so.
+
+  `item`: a scan path, ScanRef or data.Scan (its slices taken as they are).
+  """
+  options = options or ReadOptions()
+  reader = SliceReader(item, window=options.window)
+  slices, skipped = read_slices(reader)
+  box = lungs.scan_lung_box(reader, options.lung_crop_margin, slices) if options.finds_lungs else None
+  indices = [int(i) for i in kept_slices(len(reader), box, options) if i in slices]
+  crop_box = box if options.lung_crop else None
+  return ScanSlices(scan_id=reader.scan_id, path=reader.path, label=reader.label,
+                    slices=[lungs.crop(slices[i], crop_box) for i in indices],
+                    indices=np.asarray(indices, np.int64), box=box, skipped=skipped, kind=reader.scan_kind,
+                    names=tuple(reader.slice_name(i) for i in indices))
+
+
 class RawScans:
-  """Slices of raw scans (image folders, DICOM series, NIfTI volumes) as a `SliceSource`."""
+  """Slices of raw scans (image folders, DICOM series, NIfTI volumes, or data.Scan in memory) as a
+  `SliceSource`, read by the one reading path (`data.scans.SliceReader`, `ReadOptions`).
 
-  def __init__(self, scans: Sequence[ScanRef], *, progress: bool = True):
-    self.scans = list(scans)
-    if not self.scans:
+  With `options.lung_crop` / `drop_lungless_slices` every scan's lung box is found here, once, before any
+  batch (threads; `data.lungs`), so worker processes receive the boxes with the source and `num_slices` already
+  counts only the slices kept. `load` then gives slice i of those kept, cropped to its scan's box.
+  """
+
+  def __init__(self, scans: Sequence, *, options: ReadOptions | None = None, progress: bool = True,
+               threads: int = READ_THREADS):
+    items = list(scans)
+    if not items:
       raise ScanError(Path("."), "empty list of scans given to the pipeline")
+    self.options = options or ReadOptions()
     self.image_size = None
-    self._kinds, self._files, counts = [], [], []
-    for ref in tqdm(self.scans, desc="indexing scans", disable=not progress or len(self.scans) < 200):
-      if ref.path.is_file():
-        kind, files = "nifti", [ref.path]
-      else:
-        kind, files = scan_files(ref.path)
-      if kind == "dicom":
-        files, _ = dicom.order_series(ref.path, files)
-      counts.append(nifti.num_axial_slices(files[0]) if kind == "nifti" else len(files))
-      self._kinds.append(kind)
-      self._files.append(files)
-    self.num_slices = np.asarray(counts, np.int64)
-
-  @functools.lru_cache(maxsize=2)
-  def _volume(self, scan_index: int) -> np.ndarray:
-    return read_scan(self.scans[scan_index].path).slices
+    self.readers = [SliceReader(item, window=self.options.window)
+                    for item in tqdm(items, desc="indexing scans", disable=not progress or len(items) < 200)]
+    self.scans = [item if isinstance(item, ScanRef) else
+                  ScanRef(scan_id=r.scan_id, path=Path(r.path or r.scan_id), label=r.label, split="")
+                  for item, r in zip(items, self.readers)]
+    self.boxes: list = [None] * len(items)
+    if self.options.finds_lungs:
+      with concurrent.futures.ThreadPoolExecutor(max(1, threads)) as pool:
+        found = pool.map(lambda r: lungs.scan_lung_box(r, self.options.lung_crop_margin), self.readers)
+        self.boxes = list(tqdm(found, total=len(items), desc="finding lungs",
+                               disable=not progress or len(items) < 20))
+    self._kept = [kept_slices(len(r), box, self.options) for r, box in zip(self.readers, self.boxes)]
+    self.num_slices = np.asarray([len(k) for k in self._kept], np.int64)
 
   def load(self, scan_index: int, slice_index: int) -> np.ndarray:
-    """uint8 `[h, w]`; raises SliceError for an unreadable slice."""
-    kind, files = self._kinds[scan_index], self._files[scan_index]
-    if kind == "images":
-      return read_image_slice(files[slice_index])
-    if kind == "dicom":
-      return dicom.read_dicom_slice(files[slice_index])
-    try:
-      return self._volume(scan_index)[slice_index]
-    except ScanError as error:
-      raise SliceError(error.path, str(error)) from error
+    """uint8 `[h, w]`: kept slice `slice_index` of the scan, cropped to its lung box when lung_crop is on;
+    raises SliceError for an unreadable slice."""
+    image = self.readers[scan_index].read(int(self._kept[scan_index][slice_index]))
+    return lungs.crop(image, self.boxes[scan_index]) if self.options.lung_crop else image
+
+  def slice_position(self, scan_index: int, slice_index: int) -> int:
+    """Where kept slice `slice_index` sits in its scan (differs with drop_lungless_slices)."""
+    return int(self._kept[scan_index][slice_index])
+
+
+def model_slice(source, scan_index: int, slice_index: int, image_size: int, *,
+                out: np.ndarray | None = None) -> np.ndarray:
+  """A slice as the model sees it before augmentation: read by the source (decoded, cropped) and resized to
+  `image_size` (into `out`). The training and evaluation batches both read through here; Predictor and explain
+  through `data.read_scan_slices(...).model_inputs`, which resizes the same slices the same way."""
+  return augment.resize(source.load(scan_index, slice_index), image_size, out=out)
 
 
 def as_slice_source(source):
@@ -166,12 +204,19 @@ class _ShuffledBatches(grain.MapDataset):
   a global batch holds the same rows, in the same order, however many processes share it.
   One numpy permutation per epoch instead of grain's `shuffle`, whose per-record
   index_shuffle cost more than decoding the slice.
+
+  With `scan_labels` (balanced sampling) an epoch holds as many rows as before, drawn by
+  scan instead of permuted: each class gets an equal share of the rows, the scans of a class
+  are visited equally often (every scan of the minority class at least once), the slice of
+  each visit uniformly from its scan, and the rows are shuffled; all from (seed, epoch), so
+  a restored iterator continues exactly as today's.
   """
 
   def __init__(self, records: np.ndarray, *, batch_size: int, seed: int, shard_index: int,
-               shard_count: int, num_epochs: int | None):
+               shard_count: int, num_epochs: int | None, scan_labels: np.ndarray | None = None):
     super().__init__()
     self._records, self._batch_size, self._seed = records, batch_size, seed
+    self._scans = None if scan_labels is None else _ScansByClass(records, scan_labels)
     self._shard_index, self._shard_count = shard_index, shard_count
     self._global_batch = batch_size * shard_count
     self._per_epoch = len(records) - len(records) % shard_count
@@ -190,8 +235,11 @@ class _ShuffledBatches(grain.MapDataset):
     rows = self._epochs.get(epoch)
     if rows is None:
       rng = np.random.default_rng([self._seed & 0xFFFFFFFFFFFFFFFF, epoch])
-      order = rng.permutation(len(self._records))
-      rows = self._records[order[:self._per_epoch]]
+      if self._scans is None:
+        order = rng.permutation(len(self._records))
+        rows = self._records[order[:self._per_epoch]]
+      else:
+        rows = self._scans.draw(self._per_epoch, rng)
       recent = {e: r for e, r in self._epochs.items() if e >= epoch - 2}
       self._epochs = {**recent, epoch: rows}  # Swapped whole: safe under grain's threads.
     return rows
@@ -211,6 +259,32 @@ class _ShuffledBatches(grain.MapDataset):
       offset = epoch * self._per_epoch
       parts.append(self._epoch_rows(epoch)[max(start - offset, 0):stop - offset])
     return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+class _ScansByClass:
+  """The training rows grouped by scan and the scans by class, for balanced sampling."""
+
+  def __init__(self, records: np.ndarray, scan_labels: np.ndarray):
+    order = np.argsort(records[:, 0], kind="stable")
+    self.rows = records[order]  # Each scan's rows contiguous.
+    scans, self.starts, self.counts = np.unique(self.rows[:, 0], return_index=True, return_counts=True)
+    labels = np.asarray(scan_labels)[scans]
+    self.classes = np.unique(labels)
+    # Positions (into scans / starts / counts) of each class's scans.
+    self.members = [np.flatnonzero(labels == c) for c in self.classes]
+
+  def draw(self, count: int, rng: np.random.Generator) -> np.ndarray:
+    """`count` rows: an equal share per class (the remainder to random classes), each class's scans visited
+    in rounds (every scan once per round, in a random order), a uniform slice of the scan per visit, shuffled."""
+    share = np.full(len(self.classes), count // len(self.classes))
+    share[rng.permutation(len(self.classes))[:count % len(self.classes)]] += 1
+    parts = []
+    for members, n in zip(self.members, share):
+      rounds = -(-n // len(members))
+      visits = rng.permuted(np.tile(members, (rounds, 1)), axis=1).reshape(-1)[:n]
+      parts.append(self.rows[self.starts[visits] + rng.integers(0, self.counts[visits])])
+    rows = np.concatenate(parts)
+    return rows[rng.permutation(len(rows))]
 
 
 _CV2_SINGLE_THREADED_IN = None  # pid of the process where OpenCV was made single-threaded.
@@ -253,17 +327,15 @@ class _TrainBatch(grain.transforms.RandomMap):
     grey = np.empty((len(rows), size, size), np.uint8)
     kept = []
     for i, (scan_index, slice_index) in enumerate(rows.tolist()):
+      out = grey[len(kept)]
       try:
-        image = self.source.load(scan_index, slice_index)
+        image = model_slice(self.source, scan_index, slice_index, size, out=None if self.augment else out)
       except SliceError as error:
         BAD_SLICES.bad(error, quiet=True)
         self.counts.bad(error, guard=True)
         continue
-      out = grey[len(kept)]
       if self.augment:
-        augment.flip_and_rotate(augment.resize(image, size), flips[i], angles[i], out=out)
-      else:
-        augment.resize(image, size, out=out)
+        augment.flip_and_rotate(image, flips[i], angles[i], out=out)
       kept.append(i)
     BAD_SLICES.ok(len(kept))
     self.counts.ok(len(kept))
@@ -288,7 +360,7 @@ class _EvalBatch(grain.transforms.Map):
       if scan_index < 0:
         continue
       try:
-        augment.resize(self.source.load(scan_index, slice_index), size, out=grey[i])
+        model_slice(self.source, scan_index, slice_index, size, out=grey[i])
       except SliceError as error:
         BAD_SLICES.bad(error, quiet=True)
         self.counts.bad(error)
@@ -337,7 +409,8 @@ def train_pipeline(source, *, image_size: int = 256, batch_size: int = 32, seed:
                    rotation_factor: float = 0.2, middle_fraction: float = 1.0,
                    num_workers: int = 0, shard_by_process: bool = True,
                    read_threads: int = READ_THREADS,
-                   shard_options: grain.sharding.ShardOptions | None = None) -> grain.IterDataset:
+                   shard_options: grain.sharding.ShardOptions | None = None,
+                   balanced: bool = False) -> grain.IterDataset:
   """Augmented training batches {"image": uint8 [B, S, S, 3], "label": int32 [B]}.
 
   One record per (scan, slice) of the (middle fraction of the) training scans, shuffled afresh
@@ -349,6 +422,8 @@ def train_pipeline(source, *, image_size: int = 256, batch_size: int = 32, seed:
 
   Args:
     shard_options: overrides the per-process sharding (tests simulate processes with it).
+    balanced: balanced sampling by scan (config.data.balanced_sampling): each epoch's rows are
+      drawn so that every class is equally likely (see _ShuffledBatches), same epoch length.
   """
   source = as_slice_source(source)
   labels = _labels(source, required=True)
@@ -366,9 +441,13 @@ def train_pipeline(source, *, image_size: int = 256, batch_size: int = 32, seed:
   # Batch the record rows first and read/decode/augment a whole batch per map call; batches
   # short of bad slices are topped up from the next ones by the rebatching (whose state
   # holds its position inside a batch, so resumption stays exact).
+  if balanced and len(np.unique(labels[np.unique(records[:, 0])])) < 2:
+    raise ScanError(Path(getattr(source, "root", ".")),
+                    f"balanced sampling needs training scans of two classes, found only class "
+                    f"{labels[records[0, 0]]}; turn config.data.balanced_sampling off")
   ds = _ShuffledBatches(records, batch_size=per_process_batch, seed=seed,
                         shard_index=shard_options.shard_index, shard_count=count,
-                        num_epochs=num_epochs)
+                        num_epochs=num_epochs, scan_labels=labels if balanced else None)
   ds = ds.random_map(_TrainBatch(source, labels, image_size, augment, rotation_factor,
                                  shard_options.shard_index, count),
                      seed=(seed + 1) % 2 ** 32)

@@ -8,13 +8,16 @@ Hounsfield units are mapped to uint8 through a window (centre, width), the lung 
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import functools
 from pathlib import Path
+from typing import Sequence
 
 import cv2
 import numpy as np
 
-from resdense_jax.data import dicom, nifti
+from resdense_jax.data import augment, dicom, nifti
 # Re-exported: `data.scans` is where callers have always found these.
 from resdense_jax.data.common import (DEFAULT_WINDOW, DICOM_SUFFIXES, IMAGE_SUFFIXES, NIFTI_SUFFIXES,
                                       DataWarning, ScanError, SliceError, is_image, is_nifti, natural_key,
@@ -23,9 +26,10 @@ from resdense_jax.data.common import (DEFAULT_WINDOW, DICOM_SUFFIXES, IMAGE_SUFF
 LABELS = {0: "non-covid", 1: "covid"}
 
 __all__ = [
-    "DEFAULT_WINDOW", "DICOM_SUFFIXES", "IMAGE_SUFFIXES", "LABELS", "NIFTI_SUFFIXES", "DataWarning", "Scan",
-    "ScanError", "ScanRef", "SliceError", "is_image", "is_nifti", "natural_key", "read_image_folder",
-    "read_image_slice", "read_scan", "scan_files", "uint8_to_hu", "warn", "window_to_uint8",
+    "DEFAULT_WINDOW", "DICOM_SUFFIXES", "IMAGE_SUFFIXES", "LABELS", "NIFTI_SUFFIXES", "DataWarning", "ReadOptions",
+    "Scan", "ScanError", "ScanRef", "ScanSlices", "SliceError", "SliceReader", "decode_image", "is_image",
+    "is_nifti", "natural_key", "read_image_slice", "read_scan", "read_slices", "scan_files", "uint8_to_hu", "warn",
+    "window_to_uint8",
 ]
 
 
@@ -49,6 +53,8 @@ class Scan:
   path: Path | None = None
   # Files (or frames) that could not be decoded and were left out.
   skipped: tuple[str, ...] = ()
+  # Where the slices came from: "images", "dicom" or "nifti" (DICOM and NIfTI slices are windowed HU); "" unknown.
+  kind: str = ""
 
 
 def _scan_id_of(path: Path) -> str:
@@ -91,49 +97,284 @@ def scan_files(folder: Path) -> tuple[str, list[Path]]:
   return kind, chosen
 
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# IMREAD_GRAYSCALE: colour, palette and alpha images become their luma (0.299 R + 0.587 G + 0.114 B, alpha
+# ignored) and EXIF orientation is applied; IMREAD_ANYDEPTH: 16-bit and float images keep their values, which
+# `_to_uint8` then scales by the slice's own range.
+_DECODE_FLAGS = cv2.IMREAD_GRAYSCALE | cv2.IMREAD_ANYDEPTH
+
+
+def _without_iccp(data: np.ndarray) -> np.ndarray:
+  """PNG bytes without their iCCP (embedded ICC profile) chunks; other bytes as they are.
+
+  libpng prints `libpng warning: iCCP: ...` on stderr for the many profiles viewers embed that it finds wrong
+  (known incorrect sRGB profiles, RGB profiles in grey images); a grey slice needs no colour profile. Chunks
+  before the first IDAT are walked (iCCP must precede it); a malformed header is left to the decoder's error.
+  """
+  if data.size < 8 or data[:8].tobytes() != _PNG_SIGNATURE:
+    return data
+  chunks, position = [], 8  # (start, end) of every chunk before IDAT
+  while position + 8 <= data.size:
+    length = int.from_bytes(data[position:position + 4].tobytes(), "big")
+    end = position + 12 + length  # length, type, data, CRC
+    if data[position + 4:position + 8].tobytes() == b"IDAT" or end > data.size:
+      break
+    chunks.append((position, end))
+    position = end
+  iccp = [(start, end) for start, end in chunks if data[start + 4:start + 8].tobytes() == b"iCCP"]
+  if not iccp:
+    return data
+  keep = np.ones(data.size, bool)
+  for start, end in iccp:
+    keep[start:end] = False
+  return data[keep]
+
+
+def _to_uint8(image: np.ndarray) -> np.ndarray:
+  """16-bit or float grey -> uint8 by the slice's own range (minimum 0, maximum 255; a constant slice is 0).
+
+  Not `>> 8`: 16-bit CT exports mostly hold 12-bit values or HU + 1024 (0..~3000), which the top byte would
+  turn into a nearly black slice."""
+  if image.dtype == np.uint8:
+    return image
+  values = image.astype(np.float64)
+  finite = values[np.isfinite(values)]
+  if not finite.size or finite.max() <= finite.min():
+    return np.zeros(image.shape, np.uint8)
+  low, high = float(finite.min()), float(finite.max())
+  values = np.nan_to_num(values, nan=low, posinf=high, neginf=low)
+  return np.clip(np.rint((values - low) * (255.0 / (high - low))), 0, 255).astype(np.uint8)
+
+
+def decode_image(data: np.ndarray, path: Path) -> np.ndarray:
+  """Encoded slice image bytes (uint8 array) -> uint8 grey `[h, w]`, every image mode alike: grey; RGB, RGBA,
+  grey + alpha and palette images as their luma, alpha ignored; 16-bit and float images scaled by the slice's
+  range (`_to_uint8`); EXIF orientation applied. Raises SliceError naming `path` when it does not decode."""
+  image = cv2.imdecode(_without_iccp(data), _DECODE_FLAGS) if data.size else None
+  if image is None or image.ndim != 2 or not image.size:
+    raise SliceError(path, "corrupt or unsupported slice image (cannot be decoded)")
+  return _to_uint8(image)
+
+
 def read_image_slice(path: Path) -> np.ndarray:
-  """Decodes one slice image to uint8 grey `[h, w]`; raises SliceError naming the file."""
+  """Decodes one slice image to uint8 grey `[h, w]` (see `decode_image`); raises SliceError naming the file."""
   try:
     buffer = np.fromfile(path, dtype=np.uint8)
   except OSError as error:
     raise SliceError(path, f"unreadable slice ({error.strerror})") from error
-  image = cv2.imdecode(buffer, cv2.IMREAD_GRAYSCALE) if buffer.size else None
-  if image is None:
-    raise SliceError(path, "corrupt or unsupported slice image (cannot be decoded)")
-  return image
+  return decode_image(buffer, Path(path))
 
 
-def _stack_slices(folder: Path, files, images) -> np.ndarray:
-  shapes = {}
-  for path, image in zip(files, images):
-    shapes.setdefault(image.shape, []).append(path.name)
-  if len(shapes) > 1:
-    common = max(shapes, key=lambda s: len(shapes[s]))
-    odd = ", ".join(f"{names[0]} is {s[0]}x{s[1]}" for s, names in shapes.items() if s != common)
-    raise ScanError(folder, f"mixed slice sizes within one scan: most slices are "
-                    f"{common[0]}x{common[1]} but {odd}")
-  return np.stack(images)
+# ------------------------------------------------------------------------------------- the one reading path
 
 
-def read_image_folder(folder: Path, files: list[Path]) -> tuple[np.ndarray, tuple[str, ...]]:
-  images, kept, skipped = [], [], []
-  for path in files:
+@dataclasses.dataclass(frozen=True)
+class ReadOptions:
+  """How every slice is read, in training, evaluation, predict and explain alike (`pipeline.RawScans` one slice
+  at a time, `pipeline.read_scan_slices` a whole scan).
+
+  window: (centre, width) in HU for DICOM and NIfTI. lung_crop: crop every slice to its scan's lung box
+  (`data.lungs`) before resizing. lung_crop_margin: added on every side of the box, a fraction of the slice's
+  side. drop_lungless_slices: leave out the scan's leading and trailing slices that show no lung.
+  """
+
+  window: tuple[float, float] = DEFAULT_WINDOW
+  lung_crop: bool = False
+  lung_crop_margin: float = 0.05
+  drop_lungless_slices: bool = False
+
+  @classmethod
+  def from_config(cls, data_config) -> "ReadOptions":
+    """From `config.data` (a checkpoint's config from before these fields reads as the defaults)."""
+    get = data_config.get
+    return cls(lung_crop=bool(get("lung_crop", False)),
+               lung_crop_margin=float(get("lung_crop_margin", 0.05)),
+               drop_lungless_slices=bool(get("drop_lungless_slices", False)))
+
+  @property
+  def finds_lungs(self) -> bool:
+    return self.lung_crop or self.drop_lungless_slices
+
+
+@functools.lru_cache(maxsize=2)  # Process-wide: training jumps between scans; two volumes are plenty.
+def _volume(path: Path, window, kind: str) -> np.ndarray:
+  if kind == "nifti":
+    return window_to_uint8(nifti.read_nifti_hu(path), window)
+  slices, _ = dicom.read_dicom_series(path.parent, [path], window=window)  # one multi-frame file
+  return slices
+
+
+class SliceReader:
+  """One scan's slices, read one at a time and decoded the one way every reader shares.
+
+  `item`: a scan path (image folder, DICOM series folder, NIfTI file), a ScanRef, or a Scan already in memory.
+  `read(i)` gives slice i as uint8 `[h, w]` (sizes may differ between slices) or raises SliceError; the order is
+  `read_scan`'s (body axis for DICOM and NIfTI, natural file-name order for images).
+  """
+
+  def __init__(self, item, *, window=DEFAULT_WINDOW):
+    self.window = tuple(window)
+    self.skipped: tuple[str, ...] = ()
+    self._slices = None
+    if isinstance(item, Scan):
+      self.path, self.scan_id, self.label = item.path, item.scan_id, item.label
+      self.kind, self.files, self._slices = "memory", [], item.slices
+      self.hu = item.kind in ("dicom", "nifti")
+      self.count, self._scan_kind = len(item.slices), item.kind
+      return
+    if isinstance(item, ScanRef):
+      path, self.scan_id, self.label = Path(item.path), item.scan_id, item.label
+    else:
+      path = Path(item)
+      self.scan_id, self.label = _scan_id_of(path), None
+    self.path = path
+    if not path.exists():
+      raise ScanError(path, "no such scan folder or file")
+    if path.is_file():
+      if not is_nifti(path):
+        raise ScanError(path, "a single file must be a NIfTI volume (.nii or .nii.gz)")
+      self.kind, self.files = "nifti", [path]
+    else:
+      self.kind, self.files = scan_files(path)
+    self.hu = self.kind in ("dicom", "nifti")
+    if self.kind == "dicom":
+      self.files, skipped = dicom.order_series(path, self.files)
+      self.skipped = tuple(skipped)
+      frames = int(dicom.read_header(self.files[0]).get("NumberOfFrames", 1) or 1)
+      if len(self.files) == 1 and frames > 1:
+        self.kind = "frames"  # One multi-frame file: its frames are the slices, in stored order.
+      self.count = frames if self.kind == "frames" else len(self.files)
+    elif self.kind == "nifti":
+      self.count = nifti.num_axial_slices(self.files[0])
+    else:
+      self.count = len(self.files)
+
+  def __len__(self) -> int:
+    return self.count
+
+  @property
+  def hu_window(self):
+    """The window the slices were mapped to uint8 through when they come from Hounsfield units, else None."""
+    return self.window if self.hu else None
+
+  @property
+  def scan_kind(self) -> str:
+    """"images", "dicom" or "nifti" (a multi-frame DICOM file counts as DICOM); a Scan in memory's own kind."""
+    if self.kind == "memory":
+      return self._scan_kind
+    return "dicom" if self.kind == "frames" else self.kind
+
+  @property
+  def name(self) -> str:
+    return str(self.path or self.scan_id)
+
+  def slice_name(self, index: int) -> str:
+    """Slice `index`'s file name where slices are files, else "slice <index>" (for messages)."""
+    return self.files[index].name if self.kind in ("images", "dicom") else f"slice {index}"
+
+  def read(self, index: int) -> np.ndarray:
+    """Slice `index` as uint8 `[h, w]`; raises SliceError for an unreadable slice."""
+    if self.kind == "memory":
+      return self._slices[index]
+    if self.kind == "images":
+      return read_image_slice(self.files[index])
+    if self.kind == "dicom":
+      return dicom.read_dicom_slice(self.files[index], window=self.window)
     try:
-      images.append(read_image_slice(path))
-      kept.append(path)
+      return self.volume()[index]
+    except ScanError as error:
+      raise SliceError(error.path, str(error).removeprefix(f"{error.path}: ")) from error
+
+  def volume(self) -> np.ndarray:
+    """A NIfTI volume's (or multi-frame DICOM file's) slices uint8 `[n, h, w]`, the last two read kept per
+    process; raises ScanError when the file does not decode."""
+    return _volume(self.files[0], self.window, self.kind)
+
+  def stamp(self):
+    """What identifies this scan's files as they are now (the lung-box cache key), None for a Scan in memory."""
+    if self.kind == "memory":
+      return None
+    return (str(self.path), self.path.stat().st_mtime_ns, self.count, self.window)
+
+
+@dataclasses.dataclass
+class ScanSlices:
+  """A scan read by the one reading path: `slices` as read (and cropped to the lung box with lung_crop), sizes
+  may differ; `indices`: each one's position in the scan (slices that did not decode, or were dropped as
+  lungless, are missing); `box`: the scan's lung box where lungs were looked for."""
+
+  scan_id: str
+  path: Path | None
+  label: int | None
+  slices: list
+  indices: np.ndarray
+  box: object = None  # data.lungs.LungBox, or None where lungs were not looked for
+  skipped: tuple[str, ...] = ()
+  kind: str = ""
+  names: tuple[str, ...] = ()  # each slice's file name ("slice <i>" for volumes), for messages
+
+  def __len__(self) -> int:
+    return len(self.slices)
+
+  def model_inputs(self, image_size: int) -> np.ndarray:
+    """uint8 `[n, S, S]`: every slice resized to the model's input size, as the pipelines resize them."""
+    out = np.empty((len(self.slices), image_size, image_size), np.uint8)
+    for image, target in zip(self.slices, out):
+      augment.resize(image, image_size, out=target)
+    return out
+
+  def to_scan(self) -> Scan:
+    """A data.Scan of these slices (odd sizes resized to the most common one, with a warning naming them)."""
+    slices = _stack_slices(self.path or Path(self.scan_id), self.names, self.slices)
+    return Scan(slices=slices, scan_id=self.scan_id, label=self.label, path=self.path, skipped=self.skipped,
+                kind=self.kind)
+
+
+def read_slices(reader: SliceReader) -> tuple[dict[int, np.ndarray], tuple[str, ...]]:
+  """Every slice of a scan that decodes ({index: uint8 [h, w]}) and the names of those skipped, each skipped
+  one with a warning; a ScanError naming the scan when none decodes."""
+  if reader.kind in ("nifti", "frames"):
+    reader.volume()  # A volume that does not decode is the scan's error, not one per slice.
+  slices, skipped = {}, list(reader.skipped)
+  for index in range(len(reader)):
+    try:
+      slices[index] = reader.read(index)
     except SliceError as error:
-      skipped.append(path.name)
+      skipped.append(reader.slice_name(index))
       warn(f"{error}; skipped")
-  if not images:
-    raise ScanError(folder, f"none of its {len(files)} slice images could be decoded")
-  if skipped:
-    warn(f"{folder}: skipped {len(skipped)} of {len(files)} slices that could not be decoded")
-  return _stack_slices(folder, kept, images), tuple(skipped)
+  if not slices:
+    what = {"images": "slice images", "dicom": "DICOM slices"}.get(reader.kind, "slices")
+    raise ScanError(reader.path or Path(reader.scan_id), f"none of its {len(reader)} {what} could be decoded")
+  if len(skipped) > len(reader.skipped):
+    warn(f"{reader.name}: skipped {len(skipped)} of {len(reader) + len(reader.skipped)} slices that could "
+         "not be decoded")
+  return slices, tuple(skipped)
+
+
+def _stack_slices(folder: Path, names: Sequence[str], images: Sequence[np.ndarray]) -> np.ndarray:
+  """One array of `images`; the odd sizes are resized to the most common one, with a warning naming them."""
+  shapes = collections.Counter(image.shape for image in images)
+  if len(shapes) > 1:
+    common = max(shapes, key=lambda shape: (shapes[shape], shape))
+    odd = [(name, image.shape) for name, image in zip(names, images) if image.shape != common]
+    listed = ", ".join(f"{name} is {s[0]}x{s[1]}" for name, s in odd[:5])
+    more = f" and {len(odd) - 5} more" if len(odd) > 5 else ""
+    warn(f"{folder}: mixed slice sizes within one scan: most slices are {common[0]}x{common[1]} but "
+         f"{listed}{more}; those resized to {common[0]}x{common[1]}")
+    images = [image if image.shape == common else
+              cv2.resize(image, common[::-1], interpolation=cv2.INTER_AREA
+                         if image.shape[0] > common[0] or image.shape[1] > common[1] else cv2.INTER_LINEAR)
+              for image in images]
+  return np.stack(images)
 
 
 def read_scan(path, *, window=DEFAULT_WINDOW, scan_id: str | None = None,
               label: int | None = None) -> Scan:
   """Reads a scan: a folder of slice images, a folder with one DICOM series, or a NIfTI volume.
+
+  Every slice is decoded as the pipelines and predict decode it (`SliceReader`; no lung crop). A scan
+  whose slices differ in size (exports often differ by a pixel or two) is returned at its most common size:
+  the odd slices are resized to it, with a warning naming them.
 
   Args:
     path: scan folder, or a `.nii` / `.nii.gz` file.
@@ -143,20 +384,10 @@ def read_scan(path, *, window=DEFAULT_WINDOW, scan_id: str | None = None,
     label: 1 COVID, 0 non-COVID, None unknown.
   """
   path = Path(path)
-  if not path.exists():
-    raise ScanError(path, "no such scan folder or file")
-  if path.is_file():
-    if not is_nifti(path):
-      raise ScanError(path, "a single file must be a NIfTI volume (.nii or .nii.gz)")
-    kind, files = "nifti", [path]
-  else:
-    kind, files = scan_files(path)
-  skipped: tuple[str, ...] = ()
-  if kind == "images":
-    slices, skipped = read_image_folder(path, files)
-  elif kind == "dicom":
-    slices, skipped = dicom.read_dicom_series(path, files, window=window)
-  else:
-    slices = window_to_uint8(nifti.read_nifti_hu(files[0]), window)
-  return Scan(slices=np.ascontiguousarray(slices), scan_id=scan_id or _scan_id_of(path),
-              label=label, path=path, skipped=skipped)
+  reader = SliceReader(path, window=window)
+  slices, skipped = read_slices(reader)
+  order = sorted(slices)
+  read = ScanSlices(scan_id=scan_id or reader.scan_id, path=path, label=label, slices=[slices[i] for i in order],
+                    indices=np.asarray(order, np.int64), skipped=skipped, kind=reader.scan_kind,
+                    names=tuple(reader.slice_name(i) for i in order))
+  return read.to_scan()

@@ -12,6 +12,7 @@ from resdense_jax.data import synthetic
 from resdense_jax.data.discover import discover
 from resdense_jax.data.pipeline import RawScans, train_pipeline
 from resdense_jax.data.prepare import PreparedData
+from resdense_jax.data.scans import ReadOptions
 from resdense_jax.models.build import plain
 
 
@@ -43,13 +44,18 @@ def resolve_data_root(config, workdir: pathlib.Path) -> pathlib.Path:
 
 def data_sources(config, workdir: pathlib.Path):
   """(train, validation) slice sources: a prepared TFDS copy (config.data.prepared_dir) or the raw scan folders."""
+  options = ReadOptions.from_config(config.data)
   if config.data.get("prepared_dir"):
+    if options.finds_lungs:
+      raise ValueError(f"{config.data.prepared_dir}: config.data.lung_crop / drop_lungless_slices need the raw "
+                       "scans (prepared slices are already resized, without their lung boxes); train from "
+                       "--config.data.root instead of prepared_dir, or turn the options off")
     # Written by `python -m resdense_jax.data.prepare`, which already split by scan.
     return tuple(PreparedData(config.data.prepared_dir, split, image_size=config.data.image_size)
                  for split in ("train", "validation"))
   collection = discover(resolve_data_root(config, workdir), val_fraction=config.data.val_fraction,
                         seed=config.seed)
-  return RawScans(collection.train), RawScans(collection.validation)
+  return RawScans(collection.train, options=options), RawScans(collection.validation, options=options)
 
 
 def precise_bn_batches(train_source, config, step: int):

@@ -42,6 +42,8 @@ def create_model(model_config: ml_collections.ConfigDict, *, frozen_bn=()) -> Re
       pooling=model_config.pooling,
       dropout=model_config.dropout,
       num_outputs=model_config.num_outputs,
+      # .get: the config.json of runs from before the field has none (their heads were "flax").
+      head_init=model_config.get("head_init", "flax"),
       preprocessing=model_config.preprocessing,
       backbone_kwargs=plain(model_config.backbone_kwargs),
       frozen_bn=tuple(frozen_bn),

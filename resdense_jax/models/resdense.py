@@ -29,6 +29,14 @@ from resdense_jax.models.preprocessing import preprocess_input
 
 PREPROCESSING = ("keras", "authors")
 POOLING = ("avg", "gem")
+# The "predictions" Dense's initialisers (kernel, bias): "flax" is Flax's default and this project's from the
+# start (lecun-normal kernel); "keras" is Keras's Dense (glorot-uniform kernel); "zeros" (big_vision's
+# zero-initialised head) starts neutral: logits 0, P = 0.5, binary cross-entropy ln 2 at step 0.
+HEAD_INITS = {
+    "flax": (nn.initializers.lecun_normal(), nn.initializers.zeros_init()),
+    "keras": (nn.initializers.glorot_uniform(), nn.initializers.zeros_init()),
+    "zeros": (nn.initializers.zeros_init(), nn.initializers.zeros_init()),
+}
 PARTS = ("all", "backbones", "head")
 
 
@@ -65,7 +73,9 @@ class ResDenseNet(nn.Module):
     pooling: "avg" (global average) or "gem" (generalized mean, learnable p).
     dropout: rate before the head.
     num_outputs: 1 (sigmoid form) or the number of classes (softmax form).
-    preprocessing: "keras" (each backbone its own Keras mode: caffe for ResNet, torch for DenseNet) or
+    head_init: initialisers of the "predictions" Dense, a key of HEAD_INITS ("flax", "keras" or "zeros").
+    preprocessing: "keras" (each backbone its own Keras mode: caffe for ResNet, tf for ResNet V2, torch for
+      DenseNet) or
       "authors" (caffe mode then rescaling to [-1, 1], fed to both, as the authors' code does).
     backbone_kwargs: {backbone name: constructor overrides}, e.g. small stage sizes for the demo.
     frozen_bn: ((backbone name, (BatchNorm layer names, ...)), ...) that run in inference mode.
@@ -79,6 +89,7 @@ class ResDenseNet(nn.Module):
   pooling: str = "avg"
   dropout: float = 0.2
   num_outputs: int = 1
+  head_init: str = "flax"
   preprocessing: str = "keras"
   backbone_kwargs: Mapping[str, Mapping[str, Any]] | None = None
   frozen_bn: Sequence[tuple[str, Sequence[str]]] = ()
@@ -165,5 +176,9 @@ class ResDenseNet(nn.Module):
     else:
       raise ValueError(f"unknown pooling {self.pooling!r}; choose one of {POOLING}")
     x = nn.Dropout(self.dropout, name="dropout")(x, deterministic=not train)
-    x = nn.Dense(self.num_outputs, dtype=self.dtype, param_dtype=self.param_dtype, name="predictions")(x)
+    if self.head_init not in HEAD_INITS:
+      raise ValueError(f"unknown head_init {self.head_init!r}; choose one of {tuple(HEAD_INITS)}")
+    kernel_init, bias_init = HEAD_INITS[self.head_init]
+    x = nn.Dense(self.num_outputs, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=kernel_init,
+                 bias_init=bias_init, name="predictions")(x)
     return x.astype(jnp.float32)

@@ -5,6 +5,10 @@ Legacy files are matched to it by layer name (by layer order, as Keras does, if 
 older naming scheme), Keras 3 files by layer order (class and counter), as Keras itself loads them. The result
 is built in a fresh dict and returned only once every variable of the model is filled exactly once with the
 model's shape and dtype; any problem is a WeightsError naming the file.
+
+A file may hold more than the backbone: a full model whose backbone is one nested layer (a classifier), several
+nested models, or a head after the backbone's layers. `select` takes the part whose architecture fits (or the
+one named by `path#name`); a full-model file's layers after the backbone's last one are its head and skipped.
 """
 
 from __future__ import annotations
@@ -25,11 +29,14 @@ from resdense_jax.weights import download, h5, registry
 from resdense_jax.weights.errors import WeightsError
 
 _RESNETS = {(3, 4, 6, 3): "resnet50", (3, 4, 23, 3): "resnet101", (3, 8, 36, 3): "resnet152"}
+_RESNETS_V2 = {sizes: f"{arch}v2" for sizes, arch in _RESNETS.items()}
 _DENSENETS = {(6, 12, 24, 16): "densenet121", (6, 12, 32, 32): "densenet169", (6, 12, 48, 32): "densenet201"}
-# Conv2D layers of each named backbone: ResNet 1 + 3 per block + 4 shortcuts, DenseNet 1 + 2 per block + 3
-# transitions. Identifies a Keras 3 file that does not record layer names.
-_CONV_COUNTS = {**{1 + 3 * sum(s) + 4: a for s, a in _RESNETS.items()},
-                **{1 + 2 * sum(b) + 3: a for b, a in _DENSENETS.items()}}
+# (Conv2D, BatchNormalization) layers of each named backbone; identifies a Keras 3 file that does not record
+# layer names. Convs: ResNet v1 and v2 1 + 3 per block + 4 shortcuts, DenseNet 1 + 2 per block + 3 transitions.
+# BatchNorms tell the ResNets apart: v1 one per conv, v2 3 per block + post_bn; DenseNet 2 per block + 5.
+_LAYER_COUNTS = {**{(1 + 3 * sum(s) + 4, 1 + 3 * sum(s) + 4): a for s, a in _RESNETS.items()},
+                 **{(1 + 3 * sum(s) + 4, 3 * sum(s) + 1): a for s, a in _RESNETS_V2.items()},
+                 **{(1 + 2 * sum(b) + 3, 2 * sum(b) + 5): a for b, a in _DENSENETS.items()}}
 # Keras variable names of a Flax leaf, per Keras class (BatchNormalization's beta is Flax's bias).
 _KERAS_VARIABLE = {"scale": "gamma", "mean": "moving_mean", "var": "moving_variance"}
 _SHOWN = 5
@@ -37,9 +44,11 @@ _log = logging.getLogger(__name__)
 
 
 def describe_architecture(layer_names: Sequence[str]) -> str | None:
-  """"resnet101", "densenet121", "a ResNet with stage sizes (1, 1, 1, 1)", ... from Keras layer names."""
+  """"resnet101", "resnet50v2", "densenet121", "a ResNet with stage sizes (1, 1, 1, 1)", ... from layer names."""
   kind = None
-  if any(re.fullmatch(r"conv\d+_block\d+_3_conv", n) for n in layer_names):
+  if any(re.fullmatch(r"conv\d+_block\d+_preact_bn", n) for n in layer_names):
+    kind, pattern, known = "ResNet v2", r"conv(\d+)_block(\d+)_3_conv", _RESNETS_V2
+  elif any(re.fullmatch(r"conv\d+_block\d+_3_conv", n) for n in layer_names):
     kind, pattern, known = "ResNet", r"conv(\d+)_block(\d+)_3_conv", _RESNETS
   elif any(re.fullmatch(r"conv\d+_block\d+_2_conv", n) for n in layer_names):
     kind, pattern, known = "DenseNet", r"conv(\d+)_block(\d+)_2_conv", _DENSENETS
@@ -50,14 +59,15 @@ def describe_architecture(layer_names: Sequence[str]) -> str | None:
     if m := re.fullmatch(pattern, n):
       blocks[int(m[1])] = max(blocks.get(int(m[1]), 0), int(m[2]))
   sizes = tuple(blocks[s] for s in sorted(blocks))
-  return known.get(sizes, f"a {kind} with {'stage sizes' if kind == 'ResNet' else 'blocks'} {sizes}")
+  return known.get(sizes, f"a {kind} with {'stage sizes' if kind.startswith('ResNet') else 'blocks'} {sizes}")
 
 
 def _describe_file(weights: h5.KerasWeightsH5) -> str | None:
   if len(weights.names) == len(weights.layers):
     return describe_architecture(weights.names)
   convs = sum(1 for layer in weights.layers if re.fullmatch(r"conv2d(_\d+)?", layer.key))
-  return _CONV_COUNTS.get(convs)
+  batch_norms = sum(1 for layer in weights.layers if re.fullmatch(r"batch_normalization(_\d+)?", layer.key))
+  return _LAYER_COUNTS.get((convs, batch_norms))
 
 
 def _has_top(weights: h5.KerasWeightsH5) -> bool:
@@ -107,21 +117,36 @@ def resolve(model: Any, path_or_name: os.PathLike | str, *, cache_dir=None, down
   raise WeightsError(f"{path}: no such file (nor a published Keras weights file name)")
 
 
+def split_submodel(path_or_name: os.PathLike | str) -> tuple[str, str | None]:
+  """`"x.h5#resnet50"` -> ("x.h5", "resnet50"): a file and the nested model to take from it (an existing file
+  whose name holds "#" is taken as is)."""
+  text = str(path_or_name)
+  if "#" in text and not pathlib.Path(text).expanduser().is_file():
+    text, submodel = text.rsplit("#", 1)
+    return text, submodel
+  return text, None
+
+
 def load_keras(model: Any, path_or_name: os.PathLike | str, *, cache_dir: os.PathLike | str | None = None,
-               download: bool = True) -> dict[str, Any]:
+               download: bool = True, submodel: str | None = None) -> dict[str, Any]:
   """Keras weights for `model` as `{"params", "batch_stats"}`.
 
-  `path_or_name`: a Keras .h5 / .weights.h5 file, a published file name from `weights.REGISTRY` (found in
-  `cache_dir` or `~/.keras/models`, downloaded and MD5-verified when absent), or "imagenet" for the published
-  file that fits the model.
+  `path_or_name`: a Keras file (legacy .h5 weights or full model from `model.save("x.h5")`, Keras 3 .weights.h5 or
+  .keras), a published file name from `weights.REGISTRY` (found in `cache_dir` or `~/.keras/models`, downloaded
+  and MD5-verified when absent), or "imagenet" for the published file that fits the model. A file whose weights
+  sit in a model nested in a larger one (a backbone inside a classifier) is read from the nested model that fits;
+  `submodel` (or a `#<name>` suffix on the path) names it where several would.
   """
+  path_or_name, suffix = split_submodel(path_or_name)
   path = resolve(model, path_or_name, cache_dir=cache_dir, download_ok=download)
-  return assign(model, h5.read(path))
+  return assign(model, h5.read(path), submodel=submodel or suffix)
 
 
-def assign(model: Any, weights: h5.KerasWeightsH5) -> dict[str, Any]:
-  """Maps the weights read from a file onto the model's variables."""
+def assign(model: Any, weights: h5.KerasWeightsH5, *, submodel: str | None = None) -> dict[str, Any]:
+  """Maps the weights read from a file (its top level or the nested model that fits) onto the model's
+  variables."""
   keras_layers = model.keras_layers()
+  weights = select(weights, keras_layers, submodel)
   _check_architecture(weights, [layer.name for layer in keras_layers])
   if weights.layout == "legacy":
     pairs = _match_by_name(weights, keras_layers)
@@ -130,23 +155,77 @@ def assign(model: Any, weights: h5.KerasWeightsH5) -> dict[str, Any]:
   expected = flax.traverse_util.flatten_dict(abstract_variables(model))
   flat: dict[tuple[str, ...], jax.Array] = {}
   for keras_layer, file_layer in pairs:
-    _fill(weights.path, keras_layer, file_layer, expected, flat)
+    _fill(weights.source, keras_layer, file_layer, expected, flat)
   unfilled = [path for path in expected if path not in flat]
   if unfilled:
-    raise WeightsError(f"{weights.path}: the model's keras_layers() leaves variables unfilled: "
+    raise WeightsError(f"{weights.source}: the model's keras_layers() leaves variables unfilled: "
                        f"{_listing(['/'.join(p) for p in unfilled])}")
   return flax.traverse_util.unflatten_dict(flat)
+
+
+def select(weights: h5.KerasWeightsH5, keras_layers, submodel: str | None = None) -> h5.KerasWeightsH5:
+  """The part of a file to load: the named nested model, else the file itself when it holds no nested model,
+  else the one part (top level or nested model) whose layers fit the model's architecture."""
+  candidates = weights.candidates()
+  if submodel is not None:
+    for candidate in candidates:
+      if candidate.submodel == submodel:
+        return candidate
+    raise WeightsError(f"{weights.path}: no sub-model {submodel!r}; the file holds {_inventory(weights)}")
+  if len(candidates) == 1:
+    return weights
+  fitting = [c for c in candidates if c.layers and _fits(c, keras_layers)]
+  if len(fitting) == 1:
+    if fitting[0] is not weights:
+      _log.info("%s: loading the nested model %r", weights.path, fitting[0].submodel)
+    return fitting[0]
+  model_arch = describe_architecture([layer.name for layer in keras_layers]) or "this model's"
+  if fitting:
+    named = [c for c in fitting if c.submodel is not None]
+    raise WeightsError(f"{weights.path}: ambiguous: {len(fitting)} parts of the file fit {model_arch} weights "
+                       f"({_inventory(weights, fitting)}); name one by appending #<sub-model> to the path, "
+                       f"e.g. {weights.path}#{named[-1].submodel}")
+  raise WeightsError(f"{weights.path}: wrong architecture: no part of the file holds {model_arch} weights; it "
+                     f"holds {_inventory(weights)}")
+
+
+def _fits(weights: h5.KerasWeightsH5, keras_layers) -> bool:
+  """Whether these weights look like the model's: the same architecture where both can be named, else every
+  weighted layer name of the model present (or, without stored names, as many weighted layers)."""
+  model_arch, file_arch = describe_architecture([layer.name for layer in keras_layers]), _describe_file(weights)
+  if model_arch and file_arch:
+    return model_arch == file_arch
+  weighted = [layer for layer in keras_layers if layer.weights]
+  if len(weights.names) == len(weights.layers):
+    return {layer.name for layer in weighted} <= set(weights.names)
+  return len(weighted) == len(weights.layers)
+
+
+def _inventory(weights: h5.KerasWeightsH5, parts: Sequence[h5.KerasWeightsH5] | None = None) -> str:
+  """"the top level: 1 layer(s) with weights (dense); sub-model 'resnet50': resnet50 weights (53 layers with
+  weights)": what each part of a file holds, for errors."""
+  described = []
+  for part in weights.candidates() if parts is None else parts:
+    if not part.layers and part.submodel is None:
+      continue  # a top level that only wraps nested models
+    where = "the top level" if part.submodel is None else f"sub-model {part.submodel!r}"
+    arch = _describe_file(part) if part.layers else None
+    names = part.names if len(part.names) == len(part.layers) else [layer.key for layer in part.layers]
+    what = (f"{arch} weights ({len(part.layers)} layers with weights)" if arch else
+            f"{len(part.layers)} layer(s) with weights" + (f" ({_listing(names)})" if names else ""))
+    described.append(f"{where}: {what}")
+  return "; ".join(described)
 
 
 def _check_architecture(weights: h5.KerasWeightsH5, model_names: list[str]) -> None:
   model_arch, file_arch = describe_architecture(model_names), _describe_file(weights)
   if model_arch and file_arch and model_arch != file_arch:
-    raise WeightsError(f"{weights.path}: wrong architecture: the file holds {file_arch} weights, the model is "
+    raise WeightsError(f"{weights.source}: wrong architecture: the file holds {file_arch} weights, the model is "
                        f"{model_arch}")
   model_top, file_top = "predictions" in model_names, _has_top(weights)
   if model_top != file_top:
     raise WeightsError(
-        f"{weights.path}: top mismatch: the file {'has' if file_top else 'has no'} classification top "
+        f"{weights.source}: top mismatch: the file {'has' if file_top else 'has no'} classification top "
         f"(`predictions`) but the model was built with include_top={model_top}; use the "
         f"{'_notop' if model_top is False else 'with-top'} file or change include_top")
 
@@ -155,22 +234,29 @@ def _match_by_name(weights: h5.KerasWeightsH5, keras_layers) -> list[tuple[Any, 
   by_name: dict[str, h5.FileLayer] = {}
   for layer in weights.layers:
     if layer.name in by_name:
-      raise WeightsError(f"{weights.path}: layer {layer.name!r} stored twice ({by_name[layer.name].key!r} and "
+      raise WeightsError(f"{weights.source}: layer {layer.name!r} stored twice ({by_name[layer.name].key!r} and "
                          f"{layer.key!r})")
     by_name[layer.name] = layer
   weighted = [layer for layer in keras_layers if layer.weights]
   if len(weighted) == len(weights.layers) and not any(layer.name in by_name for layer in weighted):
     # No name in common (an older naming scheme): Keras itself loads legacy files by layer order, so do that,
     # still checking every count and shape.
-    _log.info("%s: no layer name matches the model's, matching %d layers by order", weights.path, len(weighted))
+    _log.info("%s: no layer name matches the model's, matching %d layers by order", weights.source, len(weighted))
     return list(zip(weighted, weights.layers))
   missing = [layer.name for layer in weighted if layer.name not in by_name]
   if missing:
-    raise WeightsError(f"{weights.path}: missing layer(s) the model needs: {_listing(missing)}")
+    raise WeightsError(f"{weights.source}: missing layer(s) the model needs: {_listing(missing)}")
   model_names = {layer.name for layer in weighted}
-  extra = [layer.key for layer in weights.layers if layer.name not in model_names]
+  extra = [i for i, layer in enumerate(weights.layers) if layer.name not in model_names]
   if extra:
-    raise WeightsError(f"{weights.path}: extra layer(s) with weights the model does not have: {_listing(extra)}")
+    last = max(i for i, layer in enumerate(weights.layers) if layer.name in model_names)
+    keys = [weights.layers[i].key for i in extra]
+    if not (weights.full_model and min(extra) > last):
+      raise WeightsError(f"{weights.source}: extra layer(s) with weights the model does not have: {_listing(keys)}")
+    # A full model that extends the backbone's graph (Model(base.input, head(base.output))): Keras lists the
+    # head's layers after every backbone layer; they are not backbone weights.
+    _log.info("%s: skipping the layers after the backbone's (the saved model's head): %s", weights.source,
+              _listing(keys))
   return [(layer, by_name[layer.name]) for layer in weighted]
 
 
@@ -189,14 +275,14 @@ def _match_by_order(weights: h5.KerasWeightsH5, keras_layers) -> list[tuple[Any,
       continue
     stored_name = by_key[key].name
     if stored_name is not None and stored_name != layer.name:
-      raise WeightsError(f"{weights.path}: layers/{key} is layer {stored_name!r} in the file but {layer.name!r} "
+      raise WeightsError(f"{weights.source}: layers/{key} is layer {stored_name!r} in the file but {layer.name!r} "
                          "in the model: the layer order differs")
     pairs.append((layer, by_key.pop(key)))
   if missing:
-    raise WeightsError(f"{weights.path}: missing layer(s) the model needs: {_listing(missing)}")
+    raise WeightsError(f"{weights.source}: missing layer(s) the model needs: {_listing(missing)}")
   if by_key:
     extra = [f"layers/{key}" + (f" ({layer.name})" if layer.name else "") for key, layer in by_key.items()]
-    raise WeightsError(f"{weights.path}: extra layer(s) with weights the model does not have: {_listing(extra)}")
+    raise WeightsError(f"{weights.source}: extra layer(s) with weights the model does not have: {_listing(extra)}")
   return pairs
 
 

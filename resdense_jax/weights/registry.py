@@ -1,4 +1,4 @@
-"""The ImageNet weight files Keras Applications publishes for ResNet v1 and DenseNet.
+"""The ImageNet weight files Keras Applications publishes for ResNet v1, ResNet v2 and DenseNet.
 
 File names, URLs and MD5 hashes are the ones Keras 3 uses (keras/src/applications/resnet.py, densenet.py), so a
 file Keras already downloaded into `~/.keras/models` is found and reused as is.
@@ -16,6 +16,9 @@ _HASHES = {
     "resnet50": (RESNET_URL, "2cb95161c43110f7111970584f804107", "4d473c1dd8becc155b73f8504c6f6626"),
     "resnet101": (RESNET_URL, "f1aeb4b969a6efcfb50fad2f0c20cfc5", "88cf7a10940856eca736dc7b7e228a21"),
     "resnet152": (RESNET_URL, "100835be76be38e30d865e96f2aaae62", "ee4c566cf9a93f14d82f913c2dc6dd0c"),
+    "resnet50v2": (RESNET_URL, "3ef43a0b657b3be2300d5770ece849e0", "fac2f116257151a9d068a22e544a4917"),
+    "resnet101v2": (RESNET_URL, "6343647c601c52e1368623803854d971", "c0ed64b8031c3730f411d2eb4eea35b5"),
+    "resnet152v2": (RESNET_URL, "a49b44d1979771252814e80f8ec446f9", "ed17cf2e0169df9d443503ef94b23b33"),
     "densenet121": (DENSENET_URL, "9d60b8095a5708f2dcce2bca79d332c7", "30ee3e1110167f948a6b9946edeeb738"),
     "densenet169": (DENSENET_URL, "d699b8f76981ab1b30698df4c175e90b", "b8c4d4c20dd625c148057b9ff1c1176b"),
     "densenet201": (DENSENET_URL, "1ceb130c1ea1b78c3bf6114dbdfd8807", "c13680b51ded0fb44dff2d8f86ac8bb1"),
@@ -41,7 +44,7 @@ def _entries() -> dict[str, KerasWeightsFile]:
   return entries
 
 
-# file name -> entry, in Keras's order (ResNets, then DenseNets; top before no-top).
+# file name -> entry, in Keras's order (ResNets v1, v2, then DenseNets; top before no-top).
 REGISTRY: dict[str, KerasWeightsFile] = _entries()
 
 
