@@ -27,6 +27,7 @@ A shortened variant for a quick check: --finetune_epochs=3 --seeds=0,1 (about 1-
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib.util
 import json
 import pathlib
@@ -99,7 +100,9 @@ def spread(f1s: list[float]) -> dict[str, float]:
 
 
 def run_config(base, setting: str, seed: int, args):
-  config = base.copy_and_resolve_references()
+  # A deep copy: copy_and_resolve_references shares the ConfigDicts inside lists (the phases), so a setting's
+  # warmup would leak into the settings after it.
+  config = copy.deepcopy(base)
   config.seed = seed
   if args.finetune_epochs is not None:
     config.phases[-1].epochs = args.finetune_epochs

@@ -126,7 +126,8 @@ SPOT_VALUES = {
 def _optimizer_config(schedule: str) -> ml_collections.ConfigDict:
   config = common.phase("phase", 1, (), optimizer="sgd", learning_rate=PEAK).optimizer
   config.schedule = schedule
-  config.warmup_steps = WARMUP
+  # Only warmup_cosine warms up here (the formula above); any schedule's warmup: tests/test_train_stable.py.
+  config.warmup_steps = WARMUP if schedule == "warmup_cosine" else 0
   return config
 
 

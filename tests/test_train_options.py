@@ -118,8 +118,9 @@ def test_balanced_class_weights_equal_scikit_learn(collection, tmp_path):
   np.testing.assert_allclose(losses.class_weights("balanced", slice_labels), want, rtol=1e-12)
 
 
-@pytest.mark.parametrize("spec,want", [("none", "none"), (None, "none"), ("None", "none"), ("balanced", "balanced"), ((1, 3), (1.0, 3.0)),
-                                       ([0.5, 2], (0.5, 2.0)), ("(1, 3)", (1.0, 3.0)), ("1,3", (1.0, 3.0))])
+@pytest.mark.parametrize("spec,want", [("none", "none"), (None, "none"), ("None", "none"), ("balanced", "balanced"),
+                                       ((1, 3), (1.0, 3.0)), ([0.5, 2], (0.5, 2.0)), ("(1, 3)", (1.0, 3.0)),
+                                       ("1,3", (1.0, 3.0))])
 def test_class_weight_forms(spec, want):
   assert losses.parse_class_weight(spec) == want
 
