@@ -13,12 +13,14 @@ and setting, in this process one after the other, and prints per setting, averag
   loss@1       the first epoch's training loss (ln 2 = 0.693 is a neutral start)
 and the same per seed with --per_seed. Settings (--settings, comma-separated):
   paper            the demo as it is (head_init "flax", no warmup, no EMA, no label smoothing)
-  stable           all four stabilisers below together (configs/finetune_stable.py's choice)
+  all              the four stabilisers below together
+  stable           configs/finetune_stable.py's choice: zeros_head + ema
   zeros_head       config.model.head_init = "zeros" (logits 0, p = 0.5 at step 0)
   warmup           every phase warms its learning rate up over --warmup_epochs
   ema              config.train.ema_decay = --ema_decay (evaluation and checkpoints use the average)
   label_smoothing  config.train.label_smoothing = --label_smoothing
   balanced         config.data.balanced_sampling (not a stabiliser; for comparison)
+  a+b              several of the above together, e.g. zeros_head+warmup
 Each run has its own folder under --workdir; a finished run is read back instead of trained again, so an
 interrupted measurement continues where it stopped. The synthetic collection is written once per seed.
 A shortened variant for a quick check: --finetune_epochs=3 --seeds=0,1 (about 1-2 minutes a run on 2 cores).
@@ -82,10 +84,16 @@ STABILISERS: dict[str, Callable] = {"zeros_head": _zeros_head, "warmup": _warmup
                                     "label_smoothing": _label_smoothing}
 SETTINGS: dict[str, tuple[Callable, ...]] = {
     "paper": (),
-    "stable": tuple(STABILISERS.values()),
+    "all": tuple(STABILISERS.values()),
+    "stable": (_zeros_head, _ema),
     **{name: (change,) for name, change in STABILISERS.items()},
     "balanced": (_balanced,),
 }
+
+
+def changes(setting: str) -> tuple[Callable, ...]:
+  """The config changes of a setting name ("ema", or several joined by "+")."""
+  return tuple(change for part in setting.split("+") for change in SETTINGS[part])
 
 
 def spread(f1s: list[float]) -> dict[str, float]:
@@ -109,7 +117,7 @@ def run_config(base, setting: str, seed: int, args):
   # The collection of this seed, written once and shared by the settings (the demo writes one per workdir).
   config.data.synthetic = False
   config.data.root = str(pathlib.Path(args.workdir) / f"collection_seed{seed}")
-  for change in SETTINGS[setting]:
+  for change in changes(setting):
     change(config, args)
   return config
 
@@ -155,7 +163,7 @@ def main(argv=None) -> None:
   parser.add_argument("--label_smoothing", type=float, default=0.1)
   parser.add_argument("--per_seed", action="store_true", help="also one row per seed")
   args = parser.parse_args(argv)
-  unknown = [s for s in args.settings.split(",") if s not in SETTINGS]
+  unknown = [p for s in args.settings.split(",") for p in s.split("+") if p not in SETTINGS]
   if unknown:
     parser.error(f"unknown settings {unknown}; choose from {sorted(SETTINGS)}")
   base = load_config(pathlib.Path(args.config))
