@@ -158,7 +158,11 @@ def test_fixed_weights_evaluate_equal_everywhere(runs):
   reference = runs[ONE_DEVICE]["results"][0]["fixed_weights"]
   for name in (TWO_PROCESSES, TWO_DEVICES):
     for p, result in enumerate(runs[name]["results"]):
-      assert result["fixed_weights"] == reference, f"{name}, process {p}"
+      # The best threshold is a midpoint of two scan means: cross-device sums move it by float32 rounding.
+      got = dict(result["fixed_weights"])
+      want = dict(reference)
+      assert got.pop("scan_best_threshold") == pytest.approx(want.pop("scan_best_threshold"), rel=1e-6)
+      assert got == want, f"{name}, process {p}"
   assert 0.0 < reference["slice_accuracy"] < 1.0  # a real mix of right and wrong
 
 
