@@ -63,8 +63,10 @@ SHARED_SCAN = ROOT.parent / "shared" / "data" / "chest_ct_dicom"
 SITUATIONS = ("phase1", "phase2", "all", "inference")
 # Keras Applications' depths (keras/src/applications): blocks per stage / conv blocks per dense block.
 KERAS_DEPTHS = {"resnet50": (3, 4, 6, 3), "resnet101": (3, 4, 23, 3), "resnet152": (3, 8, 36, 3),
+                "resnet50v2": (3, 4, 6, 3), "resnet101v2": (3, 4, 23, 3), "resnet152v2": (3, 8, 36, 3),
                 "densenet121": (6, 12, 24, 16), "densenet169": (6, 12, 32, 32), "densenet201": (6, 12, 48, 32)}
 KERAS_NAMES = {"resnet50": "ResNet50", "resnet101": "ResNet101", "resnet152": "ResNet152",
+               "resnet50v2": "ResNet50V2", "resnet101v2": "ResNet101V2", "resnet152v2": "ResNet152V2",
                "densenet121": "DenseNet121", "densenet169": "DenseNet169", "densenet201": "DenseNet201"}
 CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 TORCH_MEAN, TORCH_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -79,9 +81,16 @@ def _is_resnet(backbone: str) -> bool:
   return backbone.startswith("resnet")
 
 
+def _is_resnet_v2(backbone: str) -> bool:
+  return _is_resnet(backbone) and backbone.endswith("v2")
+
+
 def _depths(spec: dict) -> dict[str, tuple[int, ...]]:
-  """Blocks per stage of every backbone: Keras's, or with --tiny a single stage of one block."""
-  return {name: (1,) if spec["tiny"] else KERAS_DEPTHS[name] for name in spec["backbones"]}
+  """Blocks per stage of every backbone: Keras's, or with --tiny a single stage of one block (two for ResNet V2,
+  whose stage strides its last block and so needs two)."""
+  if not spec["tiny"]:
+    return {name: KERAS_DEPTHS[name] for name in spec["backbones"]}
+  return {name: (2,) if _is_resnet_v2(name) else (1,) for name in spec["backbones"]}
 
 
 def _project_kwargs(depth: tuple[int, ...], backbone: str) -> dict:
@@ -509,6 +518,14 @@ def _keras_backbone(keras, name: str, depth: tuple[int, ...], shape):
 
   if tuple(depth) == KERAS_DEPTHS[name]:
     return getattr(keras.applications, KERAS_NAMES[name])(include_top=False, weights=None, input_shape=shape)
+  if _is_resnet_v2(name):
+    def stack_fn_v2(x):  # keras resnet_v2: every stage strides its last block, but the last stage
+      for i, blocks in enumerate(depth):
+        x = keras_resnet.stack_residual_blocks_v2(x, 64 * 2**i, blocks, stride1=1 if i == len(depth) - 1 else 2,
+                                                  name=f"conv{i + 2}")
+      return x
+    return keras_resnet.ResNet(stack_fn_v2, preact=True, use_bias=True, include_top=False, weights=None,
+                               input_shape=shape, name=name)
   if _is_resnet(name):
     def stack_fn(x):
       for i, blocks in enumerate(depth):
@@ -542,7 +559,9 @@ def keras_model(keras, spec: dict):
   branches, backbones = [], {}
   with _numpy_initializers(keras):
     for name, depth in _depths(spec).items():
-      if _is_resnet(name):  # caffe: RGB -> BGR, minus the ImageNet means
+      if _is_resnet_v2(name):  # tf: [-1, 1]
+        x = inputs / 127.5 - 1.0
+      elif _is_resnet(name):  # caffe: RGB -> BGR, minus the ImageNet means
         x = keras.ops.flip(inputs, axis=-1) - np.asarray(CAFFE_MEAN_BGR, np.float32)
       else:  # torch: [0, 1], then the ImageNet means and standard deviations
         x = (inputs / 255.0 - np.asarray(TORCH_MEAN, np.float32)) / np.asarray(TORCH_STD, np.float32)

@@ -18,6 +18,7 @@ import dataclasses
 import math
 from typing import Callable
 
+import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
@@ -58,7 +59,7 @@ class Series:
   files: tuple[tuple[str, int, tuple[float, float, float], int], ...]
 
 
-def _tilted_series(degrees: float) -> Series:
+def _tilted_series(degrees: float, shifts=(0.0, -10.0, 0.0, -10.0, 0.0)) -> Series:
   """Head-first supine through a gantry tilted by `degrees` about the patient's x axis.
 
   Rows run (1, 0, 0), columns (0, cos t, sin t): the column index still grows toward the patient's
@@ -73,7 +74,7 @@ def _tilted_series(degrees: float) -> Series:
   row, col = np.array([1.0, 0.0, 0.0]), np.array([0.0, math.cos(t), math.sin(t)])
   normal = np.array([0.0, -math.sin(t), math.cos(t)])
   files = []
-  for plane, (shift, level) in enumerate(zip((0.0, -10.0, 0.0, -10.0, 0.0), LEVELS)):
+  for plane, (shift, level) in enumerate(zip(shifts, LEVELS)):
     corner = 2.0 * plane * normal + (shift - 7.5) * col - 7.5 * row
     files.append((f"{plane + 1}.dcm", plane + 1, tuple(float(v) for v in corner), level))
   return Series("HFS", (*row, *col), lambda image: image, tuple(files))
@@ -187,3 +188,58 @@ def test_dicom_series_comes_out_inferior_to_superior_anterior_up_right_on_left(t
   assert [_marker_side(s, RIGHT_ANTERIOR_GREY) for s in slices] == ["top-left"] * len(LEVELS)
   assert [_marker_side(s, LEFT_ANTERIOR_GREY) for s in slices] == ["top-right"] * len(LEVELS)
   np.testing.assert_array_equal(slices, EXPECTED)
+
+
+def _sheared_series(degrees: float) -> Series:
+  """A gantry tilted by `degrees` as CT scanners tilt it: tilted planes (rows (1, 0, 0), columns (0, cos t,
+  sin t)) whose first pixels step 2 mm along the table (z), not along the normal: the voxel grid is sheared,
+  the planes 2 cos t = 1.88 mm apart along the normal (0, -sin t, cos t)."""
+  t = math.radians(degrees)
+  row, col = np.array([1.0, 0.0, 0.0]), np.array([0.0, math.cos(t), math.sin(t)])
+  files = []
+  for plane, level in enumerate(LEVELS):
+    corner = np.array([0.0, 0.0, 2.0 * plane]) - 7.5 * col - 7.5 * row
+    files.append((f"{plane + 1}.dcm", plane + 1, tuple(float(v) for v in corner), level))
+  return Series("HFS", (*row, *col), lambda image: image, tuple(files))
+
+
+# Evenly spaced series, each with its distance between planes along the normal: one affine places every
+# voxel. The tilted one without the re-centred planes steps 2 mm along its normal; the sheared one steps along
+# z, so its affine's slice column leaves the normal.
+GEOMETRY_SERIES = {
+    **{name: (series, 5.0) for name, series in SERIES.items() if not name.endswith("tilted_20deg")},
+    "head_first_supine_tilted_20deg_even": (_tilted_series(20.0, shifts=(0.0,) * 5), 2.0),
+    "head_first_supine_sheared_20deg": (_sheared_series(20.0), 2.0 * math.cos(math.radians(20.0))),
+}
+
+
+@pytest.mark.parametrize("name", GEOMETRY_SERIES)
+def test_affine_places_every_voxel_where_the_standard_says(tmp_path, name):
+  """scan.affine maps each returned voxel (row, column, slice) to the RAS+ position of the stored pixel it
+  shows, by the standard's equation: position + c * row cosines + r * column cosines (1 mm pixels), LPS with
+  x and y negated. The stored pixel of each displayed one is found through the fixture's own `stored`."""
+  series, slice_spacing = GEOMETRY_SERIES[name]
+  folder = tmp_path / name
+  _write_series(folder, series)
+  scan = data.read_scan(folder, window=IDENTITY_WINDOW, hu=True)
+  np.testing.assert_array_equal(scan.hu, EXPECTED.astype(np.float32))
+  # Which stored pixel every displayed pixel comes from: `stored` moves an index image as it moves pixels.
+  display_index = np.arange(SIZE * SIZE).reshape(SIZE, SIZE)
+  stored_index = series.stored(display_index)
+  files = sorted(series.files, key=lambda entry: entry[3])  # by background level: inferior to superior
+  row_cosines, col_cosines = np.asarray(series.orientation[:3], float), np.asarray(series.orientation[3:], float)
+  for k, (_, _, position, _) in enumerate(files):
+    for r in range(SIZE):
+      for c in range(SIZE):
+        i, j = divmod(int(stored_index[r, c]), SIZE)
+        lps = np.asarray(position, float) + c * row_cosines + r * col_cosines
+        np.testing.assert_allclose(scan.affine @ [i, j, k, 1], [-lps[0], -lps[1], lps[2], 1.0], atol=1e-9,
+                                   err_msg=f"{name}: voxel (row {i}, column {j}, slice {k})")
+  assert scan.spacing == pytest.approx((1.0, 1.0, slice_spacing))
+  assert scan.axcodes == nib.aff2axcodes(scan.affine) == ("P", "L", "S")
+
+
+def test_unevenly_spaced_series_is_warned_about(tmp_path):
+  _write_series(tmp_path / "uneven", SERIES["head_first_supine_tilted_20deg"])
+  with pytest.warns(data.DataWarning, match="uneven.*not evenly spaced"):
+    data.read_scan(tmp_path / "uneven", window=IDENTITY_WINDOW)

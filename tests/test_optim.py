@@ -180,14 +180,32 @@ def test_phase_optimizer_follows_its_schedule(tiny_params, schedule):
     trees.assert_trees_close(updates, expected, rtol=1e-5, atol=1e-8)
 
 
-def test_rmsprop_keras_helper_is_one_keras_step():
+# optax-level helpers (no ConfigDict) and the Keras optimizer each stands for, with non-default settings.
+KERAS_HELPERS = {
+    "keras_rmsprop": (lambda: optim.keras_rmsprop(1e-4, rho=0.8, epsilon=1e-6),
+                      lambda: keras.optimizers.RMSprop(learning_rate=1e-4, rho=0.8, epsilon=1e-6)),
+    "keras_adam": (lambda: optim.keras_adam(1e-3, beta_1=0.8, beta_2=0.99, epsilon=1e-6),
+                   lambda: keras.optimizers.Adam(learning_rate=1e-3, beta_1=0.8, beta_2=0.99, epsilon=1e-6)),
+    "keras_adam_defaults": (optim.keras_adam, keras.optimizers.Adam),
+    "rmsprop_keras_defaults": (optim.rmsprop_keras, keras.optimizers.RMSprop),  # the older name
+}
+
+
+@pytest.mark.parametrize("case", list(KERAS_HELPERS))
+def test_keras_optimizer_helpers_equal_keras(case):
+  ours, theirs = KERAS_HELPERS[case]
   rng = np.random.default_rng(1)
-  p = rng.normal(size=(6, 4)).astype(np.float32)
-  g = rng.normal(size=(6, 4)).astype(np.float32) * 1e-3
-  tx = optim.rmsprop_keras(1e-4)
-  updates, _ = tx.update(jnp.asarray(g), tx.init(jnp.asarray(p)))
-  expected = _keras_step(keras.optimizers.RMSprop(learning_rate=1e-4), [p], [g])[0]
-  np.testing.assert_allclose(np.asarray(optax.apply_updates(jnp.asarray(p), updates)), expected, rtol=1e-6)
+  shapes = [(6, 4), (4,)]
+  params = [rng.normal(size=s).astype(np.float32) for s in shapes]
+  tx, keras_opt = ours(), theirs()
+  current, state = [jnp.asarray(p) for p in params], tx.init([jnp.asarray(p) for p in params])
+  variables = [keras.Variable(p) for p in params]
+  for grads in _grads_sequence(rng, shapes, 3):
+    updates, state = tx.update([jnp.asarray(g) for g in grads], state, current)
+    current = optax.apply_updates(current, updates)
+    keras_opt.apply_gradients(zip(grads, variables))
+  trees.assert_trees_close(current, [v.numpy() for v in variables], rtol=1e-6, atol=1e-7)
+  assert not np.allclose(np.asarray(current[0]), params[0])
 
 
 def test_decoupled_weight_decay_on_kernels_only_equals_keras():

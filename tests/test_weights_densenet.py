@@ -18,13 +18,16 @@ from resdense_jax import models, weights
 TOLERANCE = 1e-4
 SQUARE, ODD = (64, 64), (65, 47)
 
+# Each case builds and runs a full DenseNet121 in Keras (15-25 s here): every layout, top and no top, both
+# input kinds and a pooling stay in the suite; the rest of the product is `long`.
+LONG = pytest.mark.long
 PARITY = [
     ("densenet121", False, None, SQUARE, "legacy"),
-    ("densenet121", False, None, SQUARE, "tf_keras"),
+    pytest.param("densenet121", False, None, SQUARE, "tf_keras", marks=LONG),
     ("densenet121", False, "avg", SQUARE, "keras3"),
-    ("densenet121", False, "max", ODD, "legacy"),
+    pytest.param("densenet121", False, "max", ODD, "legacy", marks=LONG),
     ("densenet121", True, None, ODD, "tf_keras"),
-    ("densenet121", True, None, ODD, "keras3"),
+    pytest.param("densenet121", True, None, ODD, "keras3", marks=LONG),
 ]
 
 

@@ -97,7 +97,8 @@ def test_the_reader_sees_the_nested_model(files):
   full = weights.read_h5(files["resnet50", "full_h5"])
   assert full.layout == "legacy" and not full.submodels and "conv1_conv" in full.names
   nested = weights.read_h5(files["resnet50", "sequential_h5"])
-  assert [layer.name for layer in nested.layers] == ["dense"]
+  # The head's Dense, beside the nested backbone (Keras numbers its automatic name by what the session built).
+  assert len(nested.layers) == 1 and nested.layers[0].name.startswith("dense")
   assert [s.submodel for s in nested.submodels] == ["resnet50"]
   assert "conv5_block1_3_bn" in nested.submodels[0].names
   zipped = weights.read_h5(files["densenet121", "keras_zip"])
