@@ -1,5 +1,5 @@
 # `make demo`: what the library does, end to end on synthetic CT (fresh .venv, install, train, report).
-# `make test` is the project's test command (README, .ci/run): fresh .venv, .[test], pytest on the JAX CPU backend.
+# `make test` is the project's test command (README, .ci/run): fresh .venv, .[full,test], pytest on the JAX CPU backend.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -14,11 +14,11 @@ $(PY):
 	$(PY) -m pip install --quiet --upgrade pip
 
 $(STAMP): pyproject.toml | $(PY)
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[full,test]'
 	touch $(STAMP)
 
 $(RUNTIME_STAMP): pyproject.toml | $(PY)
-	$(PY) -m pip install --quiet -e .
+	$(PY) -m pip install --quiet -e '.[full]'
 	touch $(RUNTIME_STAMP)
 
 install: $(STAMP)

@@ -11,9 +11,13 @@ import http.client
 import os
 import pathlib
 import tempfile
+import sys
 import urllib.request
 
-import tqdm
+try:  # The models-only install (flax + h5py) has no tqdm; downloads then report progress in plain lines.
+  import tqdm
+except ModuleNotFoundError:
+  tqdm = None
 
 from resdense_jax.weights import registry
 from resdense_jax.weights.errors import WeightsError
@@ -91,9 +95,36 @@ def _stream(entry: registry.KerasWeightsFile, out) -> str:
   digest = hashlib.md5()
   with urllib.request.urlopen(entry.url, timeout=60) as response:
     total = int(response.headers.get("Content-Length") or 0) or None
-    with tqdm.tqdm(total=total, unit="B", unit_scale=True, desc=entry.file_name) as bar:
+    with _progress(total, entry.file_name) as bar:
       for chunk in iter(lambda: response.read(_CHUNK), b""):
         out.write(chunk)
         digest.update(chunk)
         bar.update(len(chunk))
   return digest.hexdigest()
+
+
+class _LineProgress:
+  """tqdm's `update` without tqdm: a line on stderr at every further tenth of the file (or every 10 MB)."""
+
+  def __init__(self, total: int | None, name: str):
+    self.total, self.name, self.done, self.reported = total, name, 0, 0
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    print(f"{self.name}: {self.done / 1e6:.1f} MB", file=sys.stderr, flush=True)
+
+  def update(self, n: int) -> None:
+    self.done += n
+    step = self.total / 10 if self.total else 10e6
+    if self.done - self.reported >= step:
+      self.reported = self.done
+      of = f" of {self.total / 1e6:.1f}" if self.total else ""
+      print(f"{self.name}: {self.done / 1e6:.1f}{of} MB", file=sys.stderr, flush=True)
+
+
+def _progress(total: int | None, name: str):
+  if tqdm is None:
+    return _LineProgress(total, name)
+  return tqdm.tqdm(total=total, unit="B", unit_scale=True, desc=name)
