@@ -49,6 +49,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.data.lung_crop = False           # crop every slice to its scan's lung box before resizing (data/lungs.py)
   config.data.lung_crop_margin = 0.05     # added to the lung box on every side, as a fraction of the slice's side
   config.data.drop_lungless_slices = False  # leave out each scan's leading / trailing slices showing no lung
+  # How a slice (or its lung crop) becomes the square model input, in training, evaluation, predict and explain:
+  # "squash" (both sides scaled: a non-square slice is stretched) or "pad" (aspect kept, longer side scaled,
+  # centred, padded with 0 = air in the window). data/augment.py `resize`.
+  config.data.resize = "squash"
   config.data.balanced_sampling = False   # each epoch: classes equally likely, scans of a class equally often
 
   config.model = ml_collections.ConfigDict()

@@ -1,4 +1,5 @@
-"""Host-side slice transforms: resize, Keras-style random flip and rotation, grey to RGB.
+"""Host-side slice transforms: resize (squash or aspect-preserving pad), Keras-style random flip and rotation,
+grey to RGB.
 
 Semantics follow Keras `RandomFlip("horizontal")` (mirror left-right with probability 1/2) and
 `RandomRotation(factor, fill_mode="constant", interpolation="bilinear")`: an angle drawn
@@ -15,16 +16,70 @@ import cv2
 import numpy as np
 
 
-def resize(image: np.ndarray, size: int, *, out: np.ndarray | None = None) -> np.ndarray:
-  """uint8 `[h, w]` -> `[size, size]`: area averaging when shrinking, bilinear when growing
-  (written into `out` if given)."""
+# How a slice becomes the model's square input (`config.data.resize`, `scans.ReadOptions.resize`).
+RESIZE_MODES = ("squash", "pad")
+# What "pad" fills around the slice: 0 is the bottom of the window, so on windowed CT it is air (-1350 HU and
+# below in the lung window), what surrounds the patient; JPEG / PNG exports have a black background too, and
+# the rotation's constant fill (Keras RandomRotation fill_value 0) already brings that value in.
+PAD_VALUE = 0
+
+
+def _interpolation(shape: tuple[int, ...], target: tuple[int, int]) -> int:
+  shrinking = shape[0] > target[0] or shape[1] > target[1]
+  return cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
+
+
+def content_box(shape: tuple[int, ...], size: int, mode: str = "squash") -> tuple[int, int, int, int]:
+  """(y0, x0, y1, x1) of the model input `[size, size]` that a slice of `shape` (h, w) fills after
+  `resize(..., mode=mode)`: the whole input for "squash"; for "pad" the longer side spans it and the other is
+  scaled alike, rounded to the nearest pixel (at least 1) and centred (an odd remainder of padding goes to the
+  bottom / right). Explanation maps are cut to this box before they are laid over the slice."""
+  check_resize_mode(mode)
+  h, w = int(shape[0]), int(shape[1])
+  if mode == "squash" or h == w:
+    return 0, 0, size, size
+  if h > w:
+    height, width = size, max(1, min(size, (2 * w * size + h) // (2 * h)))
+  else:
+    height, width = max(1, min(size, (2 * h * size + w) // (2 * w))), size
+  top, left = (size - height) // 2, (size - width) // 2
+  return top, left, top + height, left + width
+
+
+def check_resize_mode(mode: str) -> str:
+  if mode not in RESIZE_MODES:
+    raise ValueError(f"unknown resize mode {mode!r} (config.data.resize); choose one of {RESIZE_MODES}")
+  return mode
+
+
+def resize(image: np.ndarray, size: int, *, out: np.ndarray | None = None,
+           mode: str = "squash") -> np.ndarray:
+  """uint8 `[h, w]` -> `[size, size]` (written into `out` if given): area averaging when shrinking, bilinear
+  when growing.
+
+  mode "squash": both sides scaled to `size` (a non-square slice is stretched). "pad": the aspect ratio kept,
+  the longer side scaled to `size`, the slice centred and the rest filled with PAD_VALUE (`content_box` says
+  where the slice lies). A square slice comes out the same, bit for bit, in both modes.
+  """
+  if mode != "squash" and check_resize_mode(mode) == "pad" and image.shape[0] != image.shape[1]:
+    y0, x0, y1, x1 = content_box(image.shape, size, mode)
+    if out is None:
+      out = np.full((size, size), PAD_VALUE, image.dtype)
+    else:  # Only the border: the box is written below.
+      for border in (np.s_[:y0], np.s_[y1:], np.s_[y0:y1, :x0], np.s_[y0:y1, x1:]):
+        out[border] = PAD_VALUE
+    target = (y1 - y0, x1 - x0)
+    if image.shape[:2] == target:
+      out[y0:y1, x0:x1] = image
+    else:
+      out[y0:y1, x0:x1] = cv2.resize(image, target[::-1], interpolation=_interpolation(image.shape, target))
+    return out
   if image.shape == (size, size):
     if out is None:
       return image
     out[...] = image
     return out
-  shrinking = image.shape[0] > size or image.shape[1] > size
-  interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
+  interpolation = _interpolation(image.shape, (size, size))
   if out is None:
     return cv2.resize(image, (size, size), interpolation=interpolation)
   return cv2.resize(image, (size, size), dst=out, interpolation=interpolation)

@@ -1,4 +1,4 @@
-"""What every scan reader shares: errors and warnings, file kinds, slice-name order, the HU window.
+"""What every scan reader shares: errors and warnings, file kinds, slice-name order, the HU window, axis codes.
 
 scans.py, dicom.py, nifti.py and discover.py import from here (and nothing here imports them), so the
 readers depend on one small module instead of on each other. `scans` re-exports every public name.
@@ -11,6 +11,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+from nibabel import orientations
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"})
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -65,3 +66,17 @@ def is_nifti(path: Path) -> bool:
 
 def is_image(path: Path) -> bool:
   return path.suffix.lower() in IMAGE_SUFFIXES
+
+
+# Every affine the readers give maps a voxel's (row, column, slice, 1) to RAS+ millimetres: x grows toward the
+# patient's Right, y toward Anterior, z toward Superior (NIfTI's and nibabel's world coordinates; DICOM's
+# patient coordinates are LPS, the same with x and y negated).
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def axis_codes(affine: np.ndarray | None) -> tuple[str, str, str] | None:
+  """For each voxel axis of a (row, column, slice) -> RAS+ affine, the patient direction it grows toward
+  ("R"/"L", "A"/"P", "S"/"I"; nibabel's `aff2axcodes`); None without an affine."""
+  if affine is None:
+    return None
+  return tuple(orientations.aff2axcodes(affine))

@@ -18,7 +18,9 @@ call `scan_lung_box`, once per scan and process):
 4. The scan's box is the union of its lung slices' boxes, widened by `margin` (a fraction of the slice's side)
    on every side, then made square where the slice allows (the crop is resized to a square model input: no
    stretching). Boxes are fractions of the slice's height and width, so slices of slightly different sizes in
-   one scan are cropped alike.
+   one scan are cropped alike. Where the slice is too narrow to square the box (a 167x233 NIfTI slice whose
+   lungs span more than 167 columns), the crop stays oblong: `config.data.resize="squash"` stretches it to the
+   square input, "pad" keeps its aspect and pads the short side (`augment.resize`).
 A scan where no slice shows lung keeps its full slices, with a warning naming it.
 """
 

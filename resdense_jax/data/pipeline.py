@@ -102,7 +102,7 @@ def read_scan_slices(item, options: ReadOptions | None = None) -> ScanSlices:
   return ScanSlices(scan_id=reader.scan_id, path=reader.path, label=reader.label,
                     slices=[lungs.crop(slices[i], crop_box) for i in indices],
                     indices=np.asarray(indices, np.int64), box=box, skipped=skipped, kind=reader.scan_kind,
-                    names=tuple(reader.slice_name(i) for i in indices))
+                    names=tuple(reader.slice_name(i) for i in indices), resize=options.resize)
 
 
 class RawScans:
@@ -146,12 +146,22 @@ class RawScans:
     return int(self._kept[scan_index][slice_index])
 
 
+def resize_mode(source) -> str:
+  """How `model_slice` makes the source's slices square: its ReadOptions.resize (RawScans); "squash" for
+  sources without options (PreparedData: its slices are square at the input size already, the same in both
+  modes)."""
+  options = getattr(source, "options", None)
+  return getattr(options, "resize", "squash")
+
+
 def model_slice(source, scan_index: int, slice_index: int, image_size: int, *,
                 out: np.ndarray | None = None) -> np.ndarray:
   """A slice as the model sees it before augmentation: read by the source (decoded, cropped) and resized to
-  `image_size` (into `out`). The training and evaluation batches both read through here; Predictor and explain
-  through `data.read_scan_slices(...).model_inputs`, which resizes the same slices the same way."""
-  return augment.resize(source.load(scan_index, slice_index), image_size, out=out)
+  `image_size` (into `out`) the source's way (`resize_mode`: squash or pad). The training and evaluation
+  batches both read through here; `Predictor.predict` through `data.read_scan_slices(...).model_inputs`, which
+  resizes the same slices the same way (the mode travels in `ScanSlices.resize`). explain resizes
+  `read_scan_slices(...).slices` itself (`Predictor.model_inputs`) and must pass the mode too."""
+  return augment.resize(source.load(scan_index, slice_index), image_size, out=out, mode=resize_mode(source))
 
 
 def as_slice_source(source):

@@ -4,6 +4,11 @@ Every reader returns a `Scan`: uint8 slices `[n, h, w]` ordered along the body a
 superior for DICOM and NIfTI; numeric file order for image folders, as COV19-CT-DB ships them),
 in the radiological display convention (anterior at the top, the patient's right on the left).
 Hounsfield units are mapped to uint8 through a window (centre, width), the lung window by default.
+
+For 3-D work `read_scan` also gives DICOM and NIfTI scans' voxel geometry (`Scan.spacing`, `Scan.affine`,
+`Scan.axcodes`) and, with `hu=True`, the float32 Hounsfield units the slices were windowed from (`Scan.hu`).
+The affine maps (row, column, slice, 1) to RAS+ mm, so `nibabel.Nifti1Image(scan.hu.transpose(1, 2, 0),
+scan.affine)` is the scan as a NIfTI image. Image folders carry no geometry: those fields are None.
 """
 
 from __future__ import annotations
@@ -20,8 +25,8 @@ import numpy as np
 from resdense_jax.data import augment, dicom, nifti
 # Re-exported: `data.scans` is where callers have always found these.
 from resdense_jax.data.common import (DEFAULT_WINDOW, DICOM_SUFFIXES, IMAGE_SUFFIXES, NIFTI_SUFFIXES,
-                                      DataWarning, ScanError, SliceError, is_image, is_nifti, natural_key,
-                                      uint8_to_hu, warn, window_to_uint8)
+                                      DataWarning, ScanError, SliceError, axis_codes, is_image, is_nifti,
+                                      natural_key, uint8_to_hu, warn, window_to_uint8)
 
 LABELS = {0: "non-covid", 1: "covid"}
 
@@ -45,7 +50,20 @@ class ScanRef:
 
 @dataclasses.dataclass
 class Scan:
-  """A scan in memory: `slices` uint8 `[n, h, w]` along the body axis."""
+  """A scan in memory: `slices` uint8 `[n, h, w]` along the body axis.
+
+  Voxel `slices[k, i, j]` is (row i, column j, slice k). From `read_scan`, DICOM and NIfTI scans also carry:
+  spacing: (row, column, slice) in mm (DICOM: PixelSpacing, then the distance between consecutive slice
+    planes along the normal; NIfTI: the header's zooms in that order).
+  affine: 4x4 float64 mapping (row, column, slice, 1) to RAS+ mm (x toward the patient's right, y anterior, z
+    superior; DICOM's LPS patient coordinates with x and y negated); `axcodes` says where each axis points
+    (("P", "L", "S") for an axial scan: rows run anterior to posterior, columns right to left).
+  hu: float32 Hounsfield units `[n, h, w]` with `read_scan(..., hu=True)`; then
+    `slices == window_to_uint8(hu, window)`.
+  window: the (centre, width) the slices were windowed through.
+  All None where unknown: image folders (their pixels carry no size, position or HU), headers without the
+  tags, slices of other sizes resized to the scan's most common one, slices cropped (`ScanSlices.to_scan`).
+  """
 
   slices: np.ndarray
   scan_id: str
@@ -55,6 +73,15 @@ class Scan:
   skipped: tuple[str, ...] = ()
   # Where the slices came from: "images", "dicom" or "nifti" (DICOM and NIfTI slices are windowed HU); "" unknown.
   kind: str = ""
+  spacing: tuple[float, float, float] | None = None
+  affine: np.ndarray | None = None
+  hu: np.ndarray | None = None
+  window: tuple[float, float] | None = None
+
+  @property
+  def axcodes(self) -> tuple[str, str, str] | None:
+    """Where the row, column and slice axes point in RAS+ terms (nibabel's `aff2axcodes` of `affine`)."""
+    return axis_codes(self.affine)
 
 
 def _scan_id_of(path: Path) -> str:
@@ -176,12 +203,21 @@ class ReadOptions:
   window: (centre, width) in HU for DICOM and NIfTI. lung_crop: crop every slice to its scan's lung box
   (`data.lungs`) before resizing. lung_crop_margin: added on every side of the box, a fraction of the slice's
   side. drop_lungless_slices: leave out the scan's leading and trailing slices that show no lung.
+  resize: how a slice (or its crop) becomes the square model input (`augment.resize`): "squash" scales both
+  sides to the input size, stretching a non-square slice; "pad" keeps its aspect ratio, scaling the longer
+  side to the input size and padding the shorter one, centred, with 0 (air in the window). The lung box is
+  already squared where the slice allows, so with lung_crop "pad" pads only crops the slice was too narrow to
+  square (the real NIfTI's 167x212 box of a 167x233 slice), which "squash" would stretch.
   """
 
   window: tuple[float, float] = DEFAULT_WINDOW
   lung_crop: bool = False
   lung_crop_margin: float = 0.05
   drop_lungless_slices: bool = False
+  resize: str = "squash"
+
+  def __post_init__(self):
+    augment.check_resize_mode(self.resize)
 
   @classmethod
   def from_config(cls, data_config) -> "ReadOptions":
@@ -189,7 +225,8 @@ class ReadOptions:
     get = data_config.get
     return cls(lung_crop=bool(get("lung_crop", False)),
                lung_crop_margin=float(get("lung_crop_margin", 0.05)),
-               drop_lungless_slices=bool(get("drop_lungless_slices", False)))
+               drop_lungless_slices=bool(get("drop_lungless_slices", False)),
+               resize=str(get("resize", "squash")))
 
   @property
   def finds_lungs(self) -> bool:
@@ -216,6 +253,8 @@ class SliceReader:
     self.window = tuple(window)
     self.skipped: tuple[str, ...] = ()
     self._slices = None
+    self._hu = None  # hu_volume()'s, read on first use
+    self.planes = None  # a DICOM series' dicom.Planes (what its geometry needs of the headers)
     if isinstance(item, Scan):
       self.path, self.scan_id, self.label = item.path, item.scan_id, item.label
       self.kind, self.files, self._slices = "memory", [], item.slices
@@ -238,7 +277,7 @@ class SliceReader:
       self.kind, self.files = scan_files(path)
     self.hu = self.kind in ("dicom", "nifti")
     if self.kind == "dicom":
-      self.files, skipped = dicom.order_series(path, self.files)
+      self.files, skipped, self.planes = dicom.order_series(path, self.files)
       self.skipped = tuple(skipped)
       frames = int(dicom.read_header(self.files[0]).get("NumberOfFrames", 1) or 1)
       if len(self.files) == 1 and frames > 1:
@@ -290,6 +329,42 @@ class SliceReader:
     process; raises ScanError when the file does not decode."""
     return _volume(self.files[0], self.window, self.kind)
 
+  def read_hu(self, index: int) -> np.ndarray:
+    """Slice `index` in Hounsfield units, float32 `[h, w]`, oriented and ordered as `read` gives it (`read` is
+    its window); raises SliceError for an unreadable slice, ScanError for a scan without HU (image folders)."""
+    if not self.hu:
+      raise ScanError(self.path or Path(self.scan_id), "slice images hold no Hounsfield units (only DICOM "
+                      "series and NIfTI volumes do)")
+    if self.kind == "dicom":
+      return dicom.read_dicom_slice_hu(self.files[index])
+    try:
+      return self.hu_volume()[index]
+    except ScanError as error:
+      raise SliceError(error.path, str(error).removeprefix(f"{error.path}: ")) from error
+
+  def hu_volume(self) -> np.ndarray:
+    """A NIfTI volume's (or multi-frame DICOM file's) Hounsfield units float32 `[n, h, w]`, kept by this reader
+    only (the training path never needs them)."""
+    if self._hu is None:
+      self._hu = (nifti.read_nifti_hu(self.files[0]) if self.kind == "nifti"
+                  else dicom.read_frames_hu(self.files[0]))
+    return self._hu
+
+  def geometry(self, indices: Sequence[int]) -> tuple[tuple[float, float, float], np.ndarray] | None:
+    """(spacing, affine) of the slices `indices` (in order) as `read` gives them, or None where unknown
+    (image folders, a Scan in memory, headers without the tags, a volume missing some of its slices): see
+    `Scan` for the conventions."""
+    indices = [int(i) for i in indices]
+    if self.kind == "dicom":
+      return dicom.series_geometry(self.planes.subset(indices), self.name)
+    if self.kind in ("nifti", "frames") and indices != list(range(self.count)):
+      return None  # A volume decodes whole or not at all; a subset would shift the affine's slice index.
+    if self.kind == "nifti":
+      return nifti.nifti_geometry(self.files[0])
+    if self.kind == "frames":
+      return dicom.series_geometry(dicom.frame_planes(self.files[0]), self.name, display=False)
+    return None
+
   def stamp(self):
     """What identifies this scan's files as they are now (the lung-box cache key), None for a Scan in memory."""
     if self.kind == "memory":
@@ -312,6 +387,7 @@ class ScanSlices:
   skipped: tuple[str, ...] = ()
   kind: str = ""
   names: tuple[str, ...] = ()  # each slice's file name ("slice <i>" for volumes), for messages
+  resize: str = "squash"  # ReadOptions.resize: how model_inputs makes the slices square
 
   def __len__(self) -> int:
     return len(self.slices)
@@ -320,7 +396,7 @@ class ScanSlices:
     """uint8 `[n, S, S]`: every slice resized to the model's input size, as the pipelines resize them."""
     out = np.empty((len(self.slices), image_size, image_size), np.uint8)
     for image, target in zip(self.slices, out):
-      augment.resize(image, image_size, out=target)
+      augment.resize(image, image_size, out=target, mode=self.resize)
     return out
 
   def to_scan(self) -> Scan:
@@ -330,15 +406,20 @@ class ScanSlices:
                 kind=self.kind)
 
 
-def read_slices(reader: SliceReader) -> tuple[dict[int, np.ndarray], tuple[str, ...]]:
-  """Every slice of a scan that decodes ({index: uint8 [h, w]}) and the names of those skipped, each skipped
-  one with a warning; a ScanError naming the scan when none decodes."""
+def read_slices(reader: SliceReader, *, hu: bool = False) -> tuple[dict[int, np.ndarray], tuple[str, ...]]:
+  """Every slice of a scan that decodes ({index: uint8 [h, w]}, or float32 Hounsfield units with `hu`) and the
+  names of those skipped, each skipped one with a warning; a ScanError naming the scan when none decodes."""
   if reader.kind in ("nifti", "frames"):
-    reader.volume()  # A volume that does not decode is the scan's error, not one per slice.
+    # A volume that does not decode is the scan's error, not one per slice.
+    if hu:
+      reader.hu_volume()
+    else:
+      reader.volume()
+  read = reader.read_hu if hu else reader.read
   slices, skipped = {}, list(reader.skipped)
   for index in range(len(reader)):
     try:
-      slices[index] = reader.read(index)
+      slices[index] = read(index)
     except SliceError as error:
       skipped.append(reader.slice_name(index))
       warn(f"{error}; skipped")
@@ -369,12 +450,16 @@ def _stack_slices(folder: Path, names: Sequence[str], images: Sequence[np.ndarra
 
 
 def read_scan(path, *, window=DEFAULT_WINDOW, scan_id: str | None = None,
-              label: int | None = None) -> Scan:
+              label: int | None = None, hu: bool = False) -> Scan:
   """Reads a scan: a folder of slice images, a folder with one DICOM series, or a NIfTI volume.
 
   Every slice is decoded as the pipelines and predict decode it (`SliceReader`; no lung crop). A scan
   whose slices differ in size (exports often differ by a pixel or two) is returned at its most common size:
-  the odd slices are resized to it, with a warning naming them.
+  the odd slices are resized to it, with a warning naming them (and no geometry).
+
+      scan = data.read_scan("chest_ct_dicom", hu=True)
+      scan.hu.shape, scan.spacing   # (64, 512, 512) float32 HU; (0.84, 0.84, 5.0) mm (row, column, slice)
+      scan.affine @ [row, column, slice, 1]   # that voxel's RAS+ position in mm; scan.axcodes ("P", "L", "S")
 
   Args:
     path: scan folder, or a `.nii` / `.nii.gz` file.
@@ -382,12 +467,32 @@ def read_scan(path, *, window=DEFAULT_WINDOW, scan_id: str | None = None,
       taken as already windowed.
     scan_id: defaults to the folder name (or the NIfTI file name without its suffix).
     label: 1 COVID, 0 non-COVID, None unknown.
+    hu: also return the Hounsfield units (`Scan.hu`, float32; the slices are their window); a ScanError
+      for image folders, which hold none, and for a DICOM series whose slices differ in size.
   """
   path = Path(path)
   reader = SliceReader(path, window=window)
-  slices, skipped = read_slices(reader)
+  if hu and not reader.hu:
+    raise ScanError(path, "a folder of slice images holds no Hounsfield units: hu=True needs a DICOM series or "
+                    "a NIfTI volume")
+  slices, skipped = read_slices(reader, hu=hu)
   order = sorted(slices)
-  read = ScanSlices(scan_id=scan_id or reader.scan_id, path=path, label=label, slices=[slices[i] for i in order],
-                    indices=np.asarray(order, np.int64), skipped=skipped, kind=reader.scan_kind,
-                    names=tuple(reader.slice_name(i) for i in order))
-  return read.to_scan()
+  images = [slices[i] for i in order]
+  names = tuple(reader.slice_name(i) for i in order)
+  uniform = len({image.shape for image in images}) == 1
+  hu_slices = None
+  if hu:
+    if not uniform:
+      sizes = collections.Counter(f"{image.shape[0]}x{image.shape[1]}" for image in images)
+      raise ScanError(path, f"slices of different sizes ({dict(sizes)}): no one voxel grid for hu=True")
+    hu_slices = np.stack(images)
+    images = list(window_to_uint8(hu_slices, window))  # the slices read_scan gives without hu, bit for bit
+  read = ScanSlices(scan_id=scan_id or reader.scan_id, path=path, label=label, slices=images,
+                    indices=np.asarray(order, np.int64), skipped=skipped, kind=reader.scan_kind, names=names)
+  scan = read.to_scan()
+  geometry = reader.geometry(order) if reader.hu and uniform else None
+  if geometry is not None:
+    scan.spacing, scan.affine = geometry
+  scan.hu = hu_slices
+  scan.window = tuple(float(v) for v in window) if reader.hu else None
+  return scan

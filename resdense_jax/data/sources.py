@@ -50,6 +50,10 @@ def data_sources(config, workdir: pathlib.Path):
       raise ValueError(f"{config.data.prepared_dir}: config.data.lung_crop / drop_lungless_slices need the raw "
                        "scans (prepared slices are already resized, without their lung boxes); train from "
                        "--config.data.root instead of prepared_dir, or turn the options off")
+    if options.resize != "squash":
+      raise ValueError(f"{config.data.prepared_dir}: config.data.resize={options.resize!r} needs the raw scans "
+                       "(`python -m resdense_jax.data.prepare` stores every slice already squashed to the input "
+                       "size); train from --config.data.root instead of prepared_dir, or use resize='squash'")
     # Written by `python -m resdense_jax.data.prepare`, which already split by scan.
     return tuple(PreparedData(config.data.prepared_dir, split, image_size=config.data.image_size)
                  for split in ("train", "validation"))

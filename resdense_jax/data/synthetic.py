@@ -494,23 +494,31 @@ def load_mask(root, split: str, scan_id: str) -> np.ndarray:
     return f["mask"]
 
 
-def write_dicom_series(scan: Scan, folder, *, window=DEFAULT_WINDOW, pixel_spacing: float = 0.7,
+def write_dicom_series(scan: Scan, folder, *, window=DEFAULT_WINDOW, pixel_spacing=0.7,
                        slice_spacing: float = 5.0, first_z: float = -400.0,
-                       series_uid: str | None = None, transfer_syntax=None) -> list[Path]:
+                       series_uid: str | None = None, transfer_syntax=None, rescale_slope: float = 1.0,
+                       rescale_intercept: float = -1024.0) -> list[Path]:
   """Writes `scan` as one axial DICOM series (one file per slice), returns the files.
 
-  Pixels are HU (inverse of the window) stored as int16 with RescaleSlope 1 and
-  RescaleIntercept -1024. Slice i sits at z = first_z + i * slice_spacing (superior as i
-  grows) while InstanceNumber counts from the top down, as many scanners do, so readers must
-  order by position. `transfer_syntax`: a pydicom UID to compress with (e.g. RLELossless,
-  JPEG2000Lossless); default uncompressed Explicit VR Little Endian.
+  Pixels are HU (inverse of the window) stored as int16 (HU - intercept) / slope, rounded, with
+  RescaleSlope `rescale_slope` (1) and RescaleIntercept `rescale_intercept` (-1024). Slice i sits
+  at z = first_z + i * slice_spacing (superior as i grows) while InstanceNumber counts from the
+  top down, as many scanners do, so readers must order by position. `pixel_spacing`: one value or
+  (between rows, between columns) in mm, as DICOM's PixelSpacing. `transfer_syntax`: a pydicom
+  UID to compress with (e.g. RLELossless, JPEG2000Lossless); default uncompressed Explicit VR
+  Little Endian.
   """
   folder = Path(folder)
   folder.mkdir(parents=True, exist_ok=True)
   series_uid = series_uid or generate_uid()
   study_uid = generate_uid()
   n, rows, cols = scan.slices.shape
-  stored = np.rint(uint8_to_hu(scan.slices, window) + 1024.0).astype(np.int16)
+  stored = np.rint((uint8_to_hu(scan.slices, window) - rescale_intercept) / rescale_slope)
+  if stored.min() < -2 ** 15 or stored.max() >= 2 ** 15:
+    raise ValueError(f"RescaleSlope {rescale_slope} / RescaleIntercept {rescale_intercept} put stored values "
+                     f"at {stored.min():g}..{stored.max():g}, outside int16")
+  stored = stored.astype(np.int16)
+  row_spacing, col_spacing = (pixel_spacing, pixel_spacing) if np.isscalar(pixel_spacing) else pixel_spacing
   files = []
   for i in range(n):
     meta = FileMetaDataset()
@@ -524,14 +532,14 @@ def write_dicom_series(scan: Scan, folder, *, window=DEFAULT_WINDOW, pixel_spaci
     ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
     ds.SeriesNumber, ds.InstanceNumber = 1, n - i
     ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
-    ds.ImagePositionPatient = [-(cols - 1) / 2 * pixel_spacing, -(rows - 1) / 2 * pixel_spacing,
+    ds.ImagePositionPatient = [-(cols - 1) / 2 * col_spacing, -(rows - 1) / 2 * row_spacing,
                                first_z + i * slice_spacing]
-    ds.PixelSpacing = [pixel_spacing, pixel_spacing]
+    ds.PixelSpacing = [row_spacing, col_spacing]
     ds.SliceThickness = slice_spacing
     ds.Rows, ds.Columns = rows, cols
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-    ds.RescaleSlope, ds.RescaleIntercept, ds.RescaleType = 1, -1024, "HU"
+    ds.RescaleSlope, ds.RescaleIntercept, ds.RescaleType = rescale_slope, rescale_intercept, "HU"
     ds.PixelData = stored[i].tobytes()
     if transfer_syntax is not None:
       ds.compress(transfer_syntax, stored[i])
