@@ -37,6 +37,7 @@ import numpy as np
 from absl import flags
 
 from resdense_jax import cam, compilation_cache, cpu_flags, data, plotting, predict
+from resdense_jax.data import augment
 
 METHODS = ("cam", "gradcam")
 
@@ -79,6 +80,7 @@ def activation_maps(predictor, slices, *, method: str = "cam", layer: str | None
     layer = predictor.model.backbones[0]
   fn = _map_fn(predictor, method, layer)
   shape = tuple(shape or np.shape(slices[0]))
+  mode = predictor.read_options.resize
   maps, probs = [], []
   for start in range(0, len(slices), predictor.batch_size):
     images = predictor.model_inputs(slices[start:start + predictor.batch_size])
@@ -90,9 +92,23 @@ def activation_maps(predictor, slices, *, method: str = "cam", layer: str | None
       mirrored = fn(predictor.variables, images[:, :, ::-1])
       heat = (heat + mirrored["cam"][:count, :, ::-1]) / 2
       prob = (prob + mirrored["prob"][:count]) / 2
-    maps.append(np.asarray(cam.upsample(heat, shape)))
+    maps.append(_on_slices(heat, slices[start:start + count], shape, predictor.image_size, mode))
     probs.append(np.asarray(prob, np.float32))
   return np.concatenate(maps), np.concatenate(probs)
+
+
+def _on_slices(heat, slices, shape, image_size: int, mode: str) -> np.ndarray:
+  """Maps over the model input [n, s, s] -> over the slices, upsampled to `shape`. With resize "pad" the
+  input holds the slice inside a padded square: each map is first brought to the input's size and cut to the
+  box the slice fills (augment.content_box), so the overlay lines up with the slice, not the padding."""
+  if mode == "squash":
+    return np.asarray(cam.upsample(heat, shape))
+  full = np.asarray(cam.upsample(heat, (image_size, image_size)))
+  out = []
+  for one, image in zip(full, slices):
+    y0, x0, y1, x1 = augment.content_box(np.shape(image), image_size, mode)
+    out.append(np.asarray(cam.upsample(one[None, y0:y1, x0:x1], shape))[0])
+  return np.stack(out)
 
 
 def explain_scan(predictor, scan_or_path, *, method: str = "cam", layer: str | None = None) -> ScanExplanation:

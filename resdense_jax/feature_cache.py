@@ -167,10 +167,12 @@ class FeatureCache:
 
 
 def view_image(image: np.ndarray, *, image_size: int, seed: int, view: int, scan_index: int, slice_index: int,
-               augment: bool = True, rotation_factor: float = 0.2, out: np.ndarray | None = None) -> np.ndarray:
-  """uint8 grey `[image_size, image_size]`: the slice resized, flipped and rotated as the train pipeline does
-  (data/augment.py), with the flip and angle drawn from (seed, view, scan, slice)."""
-  resized = augment_lib.resize(image, image_size)
+               augment: bool = True, rotation_factor: float = 0.2, out: np.ndarray | None = None,
+               resize: str = "squash") -> np.ndarray:
+  """uint8 grey `[image_size, image_size]`: the slice resized (`resize`: config.data.resize), flipped and
+  rotated as the train pipeline does (data/augment.py), with the flip and angle drawn from (seed, view, scan,
+  slice)."""
+  resized = augment_lib.resize(image, image_size, mode=resize)
   if out is None:
     out = np.empty((image_size, image_size), np.uint8)
   if not augment:
@@ -286,6 +288,12 @@ def build(source, variables: dict, *, model, labels, num_views: int, image_size:
   settings = {"num_views": num_views, "image_size": image_size, "augment": augment,
               "rotation_factor": rotation_factor if augment else 0.0, "seed": seed if augment else 0,
               "storage": dtype}
+  options = getattr(source, "options", None)
+  resize = data.pipeline.resize_mode(source)
+  # How slices are read (lung crop, resize) changes the features; only when not the defaults, so that caches
+  # written before these options keep their fingerprint.
+  if options is not None and options != data.ReadOptions():
+    settings["read_options"] = dataclasses.asdict(options)
   folder = None
   if directory is not None:
     folder = pathlib.Path(directory)
@@ -323,7 +331,8 @@ def build(source, variables: dict, *, model, labels, num_views: int, image_size:
     grey = np.empty((num_views, image_size, image_size), np.uint8)
     for view in range(num_views):
       view_image(image, image_size=image_size, seed=seed, view=view, scan_index=scan_index,
-                 slice_index=slice_index, augment=augment, rotation_factor=rotation_factor, out=grey[view])
+                 slice_index=slice_index, augment=augment, rotation_factor=rotation_factor, out=grey[view],
+                 resize=resize)
     return grey
 
   def store(start: int, count: int, outputs) -> None:

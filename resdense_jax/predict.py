@@ -183,8 +183,10 @@ class Predictor:
     return predictor
 
   def model_inputs(self, slices) -> np.ndarray:
-    """uint8 [h, w] slices (sizes may differ) -> uint8 [n, S, S, 3], the eval pipeline's resize and grey-to-RGB."""
-    return np.stack([augment.grey_to_rgb(augment.resize(s, self.image_size)) for s in slices])
+    """uint8 [h, w] slices (sizes may differ) -> uint8 [n, S, S, 3], the eval pipeline's resize (the run's
+    config.data.resize) and grey-to-RGB."""
+    mode = self.read_options.resize
+    return np.stack([augment.grey_to_rgb(augment.resize(s, self.image_size, mode=mode)) for s in slices])
 
   def read(self, scan_or_ref) -> data.ScanSlices:
     """A scan (path, data.ScanRef, data.Scan, or data.ScanSlices as read) through the training run's reading

@@ -15,7 +15,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from resdense_jax import data, predict, train
+from resdense_jax import data, explain, feature_cache, predict, train
 from resdense_jax.data import augment, sources, synthetic
 
 LPS_TO_RAS = np.array([-1.0, -1.0, 1.0])
@@ -400,14 +400,35 @@ def test_predictor_feeds_the_model_the_resize_of_the_runs_config(monkeypatch, ob
     np.testing.assert_array_equal(image[..., 0], expected)
 
 
-@pytest.mark.xfail(strict=True, reason="explain.activation_maps resizes raw slices with Predictor.model_inputs, "
-                   "which squashes whatever config.data.resize says (predict.py must pass "
-                   "mode=self.read_options.resize; reported to the lead, issue 12)")
 def test_predictor_model_inputs_of_raw_slices_follow_resize(monkeypatch, oblong_collection):
   root, slices = oblong_collection
   predictor, _ = _recording_predictor(monkeypatch, _config(root, "pad"))
   images = predictor.model_inputs(slices["validation_covid"])
   np.testing.assert_array_equal(images[0, ..., 0], _padded(slices["validation_covid"][0]))
+
+
+@pytest.mark.parametrize("resize", ["pad", "squash"])
+def test_explain_maps_lie_over_the_slice_not_the_padding(monkeypatch, oblong_collection, resize):
+  """explain's maps are computed on the model input; with "pad" they are cut to the box the slice fills before
+  they are laid over the slice. A map equal to the input image must then come back as the slice itself."""
+  root, _ = oblong_collection
+  predictor, _ = _recording_predictor(monkeypatch, _config(root, resize))
+  fake_cam = lambda variables, images: {"cam": np.asarray(images[..., 0], np.float32),
+                                        "prob": np.zeros(len(images), np.float32)}
+  predictor.__dict__["_explain_fns"] = {("cam", None): fake_cam}
+  flat = np.full((24, 40), 200, np.uint8)  # oblong: "pad" puts 0s above and below it in the input
+  maps, _ = explain.activation_maps(predictor, [flat, flat], method="cam")
+  assert maps.shape == (2, 24, 40)
+  # (squash stretches the slice over the whole input; pad without the cut would put its zero rows on the slice)
+  np.testing.assert_allclose(maps, 200.0, rtol=1e-5)
+
+
+def test_feature_cache_views_follow_the_resize_mode():
+  image = _oblong_slice(3)
+  kwargs = dict(image_size=SIZE, seed=0, view=0, scan_index=0, slice_index=0, augment=False)
+  np.testing.assert_array_equal(feature_cache.view_image(image, resize="pad", **kwargs), _padded(image))
+  np.testing.assert_array_equal(feature_cache.view_image(image, **kwargs),
+                                cv2.resize(image, (SIZE, SIZE), interpolation=cv2.INTER_LINEAR))
 
 
 def test_prepared_data_refuses_pad(tmp_path):
