@@ -132,6 +132,27 @@ def load_threshold(checkpoint_dir: str | os.PathLike) -> tuple[float, float]:
   return float(meta["val_scan_best_threshold"]), float(meta["val_scan_best_threshold_macro_f1"])
 
 
+def restore_on_host(item_dir: str | os.PathLike) -> Any:
+  """One saved tree (a step's `state/` folder) as host NumPy arrays, whatever devices the saving run had.
+
+  Every leaf gets explicit restore arguments (NumPy): orbax needs no shardings (the saved ones name the devices
+  of the training run, two devices or two processes, which this process may not have) and does not fall back
+  on the checkpoint's sharding file with its "Sharding info not provided" warning. Nothing is logged that the
+  caller would have to act on.
+  """
+  item_dir = pathlib.Path(item_dir)
+  handler = ocp.PyTreeCheckpointHandler()
+  checkpointer = ocp.Checkpointer(handler)
+  try:
+    # The handler's own metadata (the saved tree): Checkpointer.metadata would also look for the step's metadata
+    # file inside the item folder, where the manager never writes it, and log a warning about its absence.
+    metadata = handler.metadata(item_dir).tree
+    as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata)
+    return checkpointer.restore(item_dir, args=ocp.args.PyTreeRestore(restore_args=as_numpy))
+  finally:
+    checkpointer.close()
+
+
 def load_for_inference(checkpoint_dir: str | os.PathLike, *, ema: bool = True):
   """(model, variables, config) from the best checkpoint of a run, or from a given step folder.
 
@@ -145,15 +166,7 @@ def load_for_inference(checkpoint_dir: str | os.PathLike, *, ema: bool = True):
   if not config_path.is_file():
     raise FileNotFoundError(f"{config_path}: missing; the resolved config is saved there by train_and_evaluate")
   config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
-  checkpointer = ocp.PyTreeCheckpointer()
-  try:
-    # Restored as host numpy arrays: the saved shardings name the devices of the training run (two devices,
-    # two processes), which this process may not have.
-    metadata = checkpointer.metadata(step_dir / "state").item_metadata.tree
-    as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata)
-    tree = checkpointer.restore(step_dir / "state", args=ocp.args.PyTreeRestore(restore_args=as_numpy))
-  finally:
-    checkpointer.close()
+  tree = restore_on_host(step_dir / "state")
   average = tree.get("ema") if ema else None
   variables = jax.device_put(optim.ema_variables(tree["params"], average or None, tree["batch_stats"]))
   return create_model(config.model), variables, config

@@ -1,42 +1,67 @@
-"""Optimizers as Keras defines them, learning-rate schedules, and freezing by label masks.
+"""Optimizers as Keras defines them, learning-rate schedules, freezing, the trainable partition and the EMA.
 
-Freezing (big_vision style): every parameter gets exactly one label, "trainable" or "frozen", from a tuple of
-rules; optax.multi_transform then gives frozen parameters `set_to_zero` (no optimizer state at all) and the
-trainable ones the phase's optimizer. The train step differentiates only the trainable partition (see
-`split` / `merge`), so a frozen backbone costs a forward pass.
+For an own optax loop (no ConfigDict):
 
-Rules (strings, matched against the fused model's parameter tree):
-  "all"                  every parameter
-  "backbones"            every backbone sub-tree (the head stays trainable)
-  "resnet101"            one backbone's whole sub-tree
-  "resnet101:100"        the first 100 entries of that backbone's Keras `model.layers` (parameter-free layers
-                         count, as in Keras), from the backbone's `keras_layers()` list
-  "backbones:100"        the first 100 Keras layers of every backbone
-  "re:<regex>"           parameters whose path "a/b/c" fully matches the regular expression
+    labels, model = optim.freeze(model, variables["params"], "backbones")   # labels + frozen BatchNorms
+    tx = optim.with_frozen(optim.keras_rmsprop(1e-3), labels)             # frozen: zero updates, no state
+
+`keras_rmsprop` and `keras_adam` are keras.optimizers.RMSprop and Adam (step for step); the engine's phases
+build the same directions from their configs (`base_optimizer`, `create_optimizer`).
+
+Freezing (big_vision style, resdense_jax/freezing.py, re-exported here): every parameter gets exactly one
+label, "trainable" or "frozen", from rules ("all", "backbones", "resnet101", "resnet101:100",
+"backbones:100", "backbone:100" for a standalone backbone, "re:<regex>"); optax.multi_transform gives frozen
+parameters `set_to_zero` (no optimizer state at all) and the trainable ones the optimizer. The engine's train
+step differentiates only the trainable partition (`split` / `merge`), so a frozen backbone costs a forward
+pass.
 """
 
 from __future__ import annotations
 
-import re
-from typing import Any, Mapping, NamedTuple, Sequence
+from typing import Any, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
-TRAINABLE = "trainable"
-FROZEN = "frozen"
+# Re-exported: optim is where freezing is used from (optim.freeze, optim.FROZEN, ...).
+from resdense_jax.freezing import (FROZEN, LABELS, TRAINABLE, check_labels, freeze, freeze_labels,
+                                   frozen_batchnorm)
 
 Path = tuple[str, ...]
+
+__all__ = [
+    "FROZEN", "LABELS", "TRAINABLE", "apply_trainable_update", "base_optimizer", "check_labels", "count",
+    "create_optimizer", "ema_decay_at", "ema_for_phase", "ema_init", "ema_update", "ema_variables", "freeze",
+    "freeze_labels", "frozen_batchnorm", "keras_adam", "keras_rmsprop", "learning_rate_schedule", "merge",
+    "rmsprop_keras", "scale_by_adam_keras", "scale_by_rms_keras", "split", "warmup_steps", "with_frozen",
+    "zeros_for",
+]
 
 
 # ----------------------------------------------------------------------------------------------- optimizers
 
 
-def rmsprop_keras(learning_rate, *, rho: float = 0.9, epsilon: float = 1e-7) -> optax.GradientTransformation:
-  """keras.optimizers.RMSprop: v = rho v + (1-rho) g^2;  p -= lr g / sqrt(v + epsilon)."""
-  return optax.rmsprop(learning_rate, decay=rho, eps=epsilon, eps_in_sqrt=True)
+def scale_by_rms_keras(rho: float = 0.9, epsilon: float = 1e-7) -> optax.GradientTransformation:
+  """keras.optimizers.RMSprop's direction: v = rho v + (1-rho) g^2;  g / sqrt(v + epsilon) (epsilon inside)."""
+  return optax.scale_by_rms(decay=rho, eps=epsilon, eps_in_sqrt=True)
+
+
+def keras_rmsprop(learning_rate: float | optax.Schedule = 1e-3, *, rho: float = 0.9,
+                  epsilon: float = 1e-7) -> optax.GradientTransformation:
+  """keras.optimizers.RMSprop (momentum 0, not centered): p -= lr g / sqrt(v + epsilon).
+
+  optax.rmsprop's defaults differ (eps 1e-8); this is optax.rmsprop(lr, decay=rho, eps=epsilon,
+  eps_in_sqrt=True). `learning_rate` may be an optax schedule.
+
+      tx = optim.with_frozen(optim.keras_rmsprop(1e-3), labels)
+  """
+  return optax.chain(scale_by_rms_keras(rho, epsilon), optax.scale_by_learning_rate(learning_rate))
+
+
+# The name before keras_rmsprop; kept for code that uses it.
+rmsprop_keras = keras_rmsprop
 
 
 class ScaleByAdamKerasState(NamedTuple):
@@ -68,6 +93,15 @@ def scale_by_adam_keras(beta_1: float = 0.9, beta_2: float = 0.999,
     return updates, ScaleByAdamKerasState(count=count, m=m, v=v)
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def keras_adam(learning_rate: float | optax.Schedule = 1e-3, *, beta_1: float = 0.9, beta_2: float = 0.999,
+               epsilon: float = 1e-7) -> optax.GradientTransformation:
+  """keras.optimizers.Adam (no amsgrad, no weight decay): epsilon on the uncorrected sqrt(v), unlike optax.adam.
+
+      tx = optim.with_frozen(optim.keras_adam(1e-4), labels)
+  """
+  return optax.chain(scale_by_adam_keras(beta_1, beta_2, epsilon), optax.scale_by_learning_rate(learning_rate))
 
 
 def warmup_steps(config, steps_per_epoch: int | None = None) -> int:
@@ -116,7 +150,7 @@ def base_optimizer(config, num_steps: int, steps_per_epoch: int | None = None) -
   lr = learning_rate_schedule(config, num_steps, steps_per_epoch)
   name = config.name
   if name == "rmsprop":
-    scale = optax.scale_by_rms(decay=config.get("rho", 0.9), eps=config.get("epsilon", 1e-7), eps_in_sqrt=True)
+    scale = scale_by_rms_keras(rho=config.get("rho", 0.9), epsilon=config.get("epsilon", 1e-7))
   elif name == "adam":
     scale = scale_by_adam_keras(beta_1=config.get("beta_1", 0.9), beta_2=config.get("beta_2", 0.999),
                                 epsilon=config.get("epsilon", 1e-7))
@@ -135,86 +169,30 @@ def base_optimizer(config, num_steps: int, steps_per_epoch: int | None = None) -
 def create_optimizer(config, labels, num_steps: int,
                      steps_per_epoch: int | None = None) -> optax.GradientTransformation:
   """The phase's optimizer on trainable parameters; frozen ones get `set_to_zero` and no state."""
-  return optax.multi_transform({TRAINABLE: base_optimizer(config, num_steps, steps_per_epoch),
-                                FROZEN: optax.set_to_zero()}, labels)
+  return with_frozen(base_optimizer(config, num_steps, steps_per_epoch), labels)
 
 
-# ------------------------------------------------------------------------------------------------- freezing
+def with_frozen(tx: optax.GradientTransformation, labels) -> optax.GradientTransformation:
+  """`tx` on the parameters labelled TRAINABLE; FROZEN ones get exactly zero updates and no optimizer state.
 
+  `labels`: a label tree with the parameters' structure (optim.freeze), or a function of the parameters
+  returning one, as optax.multi_transform takes it. `init` checks that every parameter has exactly one of the
+  two labels (check_labels). A zero update leaves a frozen parameter unchanged under optax.apply_updates
+  (p + 0.0 == p; only a stored -0.0 would come back as +0.0; the engine's apply_trainable_update carries frozen
+  leaves over untouched instead).
 
-def _keras_layer_params(backbone: str, keras_layers: Sequence[Any], first_n: int) -> set[Path]:
-  """Parameter paths (in the fused tree) of the first `first_n` entries of a backbone's Keras layer list."""
-  if first_n > len(keras_layers):
-    raise ValueError(f"rule {backbone}:{first_n} asks for more layers than the {len(keras_layers)} "
-                     f"Keras layers of {backbone}")
-  paths = set()
-  for layer in keras_layers[:first_n]:
-    for weight in layer.weights:
-      if weight[0] == "params":
-        paths.add((backbone, *weight[1:]))
-  return paths
-
-
-def _rule_params(rule: str, all_paths: Sequence[Path], keras_layers: Mapping[str, Sequence[Any]]) -> set[Path]:
-  """The set of parameter paths a single rule selects."""
-  backbones = list(keras_layers)
-  if rule == "all":
-    return set(all_paths)
-  if rule.startswith("re:"):
-    pattern = re.compile(rule[3:])
-    return {p for p in all_paths if pattern.fullmatch("/".join(p))}
-  name, _, count = rule.partition(":")
-  targets = backbones if name == "backbones" else [name]
-  for target in targets:
-    if target not in keras_layers:
-      raise ValueError(f"freeze rule {rule!r}: {target!r} is not a backbone of this model (backbones: {backbones})")
-  selected: set[Path] = set()
-  for target in targets:
-    if count:
-      selected |= _keras_layer_params(target, keras_layers[target], int(count))
-    else:
-      selected |= {p for p in all_paths if p[0] == target}
-  return selected
-
-
-def freeze_labels(params, rules: Sequence[str], keras_layers: Mapping[str, Sequence[Any]]):
-  """A tree like `params` whose leaves are "trainable" or "frozen" according to `rules`.
-
-  `keras_layers` maps each backbone's sub-tree name to its `keras_layers()` list. Every rule must select at
-  least one parameter (a typo must not silently train everything), and every parameter a Keras layer list
-  names must exist.
+      tx = optim.with_frozen(optim.keras_rmsprop(1e-3), labels)
+      opt_state = tx.init(params)
+      updates, opt_state = tx.update(grads, opt_state, params)
+      params = optax.apply_updates(params, updates)
   """
-  flat = traverse_util.flatten_dict(params)
-  all_paths = list(flat)
-  known = set(all_paths)
-  for backbone, layers in keras_layers.items():
-    missing = _keras_layer_params(backbone, layers, len(layers)) - known
-    if missing:
-      raise ValueError(f"the Keras layer list of {backbone} names parameters the model lacks, e.g. "
-                       f"{'/'.join(sorted(missing)[0])}")
-  frozen: set[Path] = set()
-  for rule in rules:
-    selected = _rule_params(rule, all_paths, keras_layers)
-    if not selected:
-      raise ValueError(f"freeze rule {rule!r} matches no parameter")
-    frozen |= selected
-  labels = {path: (FROZEN if path in frozen else TRAINABLE) for path in all_paths}
-  assert set(labels) == known and all(v in (TRAINABLE, FROZEN) for v in labels.values())
-  return traverse_util.unflatten_dict(labels)
+  inner = optax.multi_transform({TRAINABLE: tx, FROZEN: optax.set_to_zero()}, labels)
 
+  def init_fn(params):
+    check_labels(labels(params) if callable(labels) else labels, params)
+    return inner.init(params)
 
-def frozen_batchnorm(labels, keras_layers: Mapping[str, Sequence[Any]]) -> dict[str, tuple[str, ...]]:
-  """Per backbone, the BatchNormalization layers whose parameters are all frozen (they run in inference mode)."""
-  flat = traverse_util.flatten_dict(labels)
-  result = {}
-  for backbone, layers in keras_layers.items():
-    names = []
-    for layer in layers:
-      params = [(backbone, *w[1:]) for w in layer.weights if w[0] == "params"]
-      if layer.class_name == "BatchNormalization" and params and all(flat[p] == FROZEN for p in params):
-        names.append(layer.name)
-    result[backbone] = tuple(names)
-  return result
+  return optax.GradientTransformationExtraArgs(init_fn, inner.update)
 
 
 def count(labels, params) -> dict[str, int]:

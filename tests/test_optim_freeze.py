@@ -152,10 +152,12 @@ def test_own_optax_loop_keeps_frozen_weights_and_statistics_bitwise(case):
 
 def test_freeze_equals_the_engines_phases():
   """optim.freeze gives the labels and model train.create_phase builds (freeze_labels + frozen_batchnorm +
-  create_model), for both phases of the tiny config and a rule mixing both backbones."""
+  create_model), for both phases of the tiny config, a rule mixing both backbones, and one backbone alone."""
   config = demo_configs.tiny_config()
   config.phases.append(common.phase("mixed", 1, ("resnet50:9", "re:densenet121/conv5.*"), optimizer="adam",
                                     learning_rate=1e-3))
+  # One backbone with no frozen BatchNorm: the engine still lists it, with ().
+  config.phases.append(common.phase("one", 1, ("resnet50:9",), optimizer="adam", learning_rate=1e-3))
   base = train.create_model(config.model)
   params = _variables(base)["params"]
   plan = train.plan_phases(config, steps_per_epoch=2)
