@@ -34,7 +34,7 @@ phase 2's freezing, `--main_steps` steps per epoch) reports its own images/s and
 waited for the loader (prefetch included).
 
 Prints a Markdown table on stdout (progress on stderr) and, with --json=FILE, one JSON object per row.
-`--tiny` cuts every backbone to its stem and a single stage of one block (built from Keras's own blocks on the
+`--tiny` cuts every backbone to its stem and a single stage of one block (two for ResNet V2; built from Keras's own blocks on the
 Keras side), for smoke runs.
 """
 
@@ -771,7 +771,7 @@ def table(rows: list[dict]) -> str:
         f"| {_fmt(r.get('xla_temp_mb'), '.0f')} "
         f"| {_fmt(r['device_peak_mb'], '.0f')} ({_fmt(r.get('keras_device_peak_mb'), '.0f')}) |")
   first = rows[0]
-  notes = [f"\n{'+'.join(first['backbones'])}{' (--tiny: one stage of one block)' if first['tiny'] else ''}, "
+  notes = [f"\n{'+'.join(first['backbones'])}{' (--tiny: one stage of one block, two for ResNet V2)' if first['tiny'] else ''}, "
            f"fusion {first['fusion']}, {first['size']}x{first['size']}, batch {first['batch']}, {first['dtype']}; "
            f"median of {first['steps']} steps after {first['warmup']} warm-up; jax {first['jax_version']} on "
            f"{first['num_devices']} x {first['device_kind']} ({first['backend']}"
