@@ -29,7 +29,7 @@ import tqdm
 from flax import struct
 from jax.sharding import Mesh, NamedSharding
 
-from resdense_jax import checkpoints, compilation_cache, evaluate, feature_cache, losses, optim, weights
+from resdense_jax import checkpoints, compilation_cache, evaluate, feature_cache, losses, optim
 from resdense_jax.data import pipeline, prefetch, sources
 from resdense_jax.metric_writer import MetricWriter, summary_line
 from resdense_jax.models.build import DTYPES, create_model, plain  # noqa: F401  (train.create_model, as flax examples)
@@ -96,27 +96,10 @@ def initialized(rng: jax.Array, model: ResDenseNet, image_size: int) -> dict:
 
 def load_pretrained(model: ResDenseNet, variables: dict, model_config) -> dict:
   """Keras weights into each backbone's sub-tree, as config.model.pretrained says: "imagenet", "none", a file,
-  or one of these per backbone (resdense_jax/weights/pretrained.py)."""
-  sources = pretrained.per_backbone(model_config.pretrained, model.backbones)
-  params = dict(variables["params"])
-  batch_stats = dict(variables["batch_stats"])
-  for name, backbone in model.backbone_modules().items():
-    source = sources[name]
-    if source == pretrained.NONE:
-      continue
-    if source != pretrained.IMAGENET and source not in weights.REGISTRY:
-      pretrained.explicit_file(name, source)  # a missing file says which backbone and which config field
-    try:
-      loaded = weights.load_keras(backbone, source, cache_dir=model_config.weights_dir or None,
-                                  download=model_config.download_weights)
-    except weights.WeightsError as e:
-      if source == pretrained.IMAGENET:
-        raise weights.WeightsError(
-            f"ImageNet weights for {name}: {e}\n{pretrained.imagenet_hint(_keras_name(name))}") from e
-      raise weights.WeightsError(f"{e} ({pretrained.FIELD} for backbone {name!r})") from e
-    params[name] = loaded["params"]
-    batch_stats[name] = loaded["batch_stats"]
-  return {"params": params, "batch_stats": batch_stats}
+  or one of these per backbone (resdense_jax/weights/pretrained.py; `ResDenseNet.pretrained` shares the code)."""
+  return pretrained.load_backbones(model, variables, model_config.pretrained,
+                                   cache_dir=model_config.weights_dir or None,
+                                   download=model_config.download_weights)
 
 
 def _keras_name(backbone: str) -> str:

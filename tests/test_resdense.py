@@ -78,7 +78,8 @@ def test_structure_names_and_output():
 
 
 def test_single_backbone_baseline_and_softmax_head():
-  model = ResDenseNet(backbones=("densenet121",), fusion_filters=FUSION, num_outputs=2, backbone_kwargs=TINY)
+  model = ResDenseNet(backbones=("densenet121",), fusion_filters=FUSION, num_outputs=2,
+                      backbone_kwargs={"densenet121": TINY["densenet121"]})
   x = jnp.zeros((1, TINY_SIZE, TINY_SIZE, 3))
   variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)
   assert set(variables["params"]) == {"densenet121", "densenet121_fusion_conv", "predictions"}

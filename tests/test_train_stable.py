@@ -88,7 +88,8 @@ def test_head_init_options_are_the_named_initialisers():
                                 nn.initializers.glorot_uniform()(key, shape))
   assert common.get_base_config().model.head_init == "flax"
   with pytest.raises(ValueError, match="head_init"):
-    model = resdense.ResDenseNet(backbones=("resnet50",), backbone_kwargs=demo_configs.TINY_BACKBONES,
+    model = resdense.ResDenseNet(backbones=("resnet50",),
+                                 backbone_kwargs={"resnet50": demo_configs.TINY_BACKBONES["resnet50"]},
                                  fusion_filters=8, head_init="glorot")
     jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, SIZE, SIZE, 3))))
 

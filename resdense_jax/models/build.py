@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -11,6 +13,7 @@ from resdense_jax.models.resdense import ResDenseNet
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # "auto": bfloat16 compute (float32 parameters and loss) where the matrix units run it at full rate.
 AUTO_BFLOAT16_BACKENDS = ("gpu", "tpu")
+_log = logging.getLogger(__name__)
 
 
 def plain(value):
@@ -32,6 +35,18 @@ def compute_dtype(name: str, backend: str | None = None) -> str:
   return name
 
 
+def backbone_kwargs(model_config: ml_collections.ConfigDict) -> dict:
+  """config.model.backbone_kwargs for the configured backbones. A config may hold overrides for others (a config
+  file's defaults, then `--config.model.backbones=...` on the command line): those are left out, with a log line;
+  ResDenseNet itself refuses them."""
+  kwargs = plain(model_config.backbone_kwargs) or {}
+  unused = sorted(set(kwargs) - set(model_config.backbones))
+  if unused:
+    _log.info("config.model.backbone_kwargs: not using the entries for %s (not in config.model.backbones %s)",
+              unused, tuple(model_config.backbones))
+  return {name: value for name, value in kwargs.items() if name in model_config.backbones}
+
+
 def create_model(model_config: ml_collections.ConfigDict, *, frozen_bn=()) -> ResDenseNet:
   """The Res-Dense Net the config describes; `frozen_bn` as ResDenseNet's (optim.frozen_batchnorm)."""
   return ResDenseNet(
@@ -45,7 +60,7 @@ def create_model(model_config: ml_collections.ConfigDict, *, frozen_bn=()) -> Re
       # .get: the config.json of runs from before the field has none (their heads were "flax").
       head_init=model_config.get("head_init", "flax"),
       preprocessing=model_config.preprocessing,
-      backbone_kwargs=plain(model_config.backbone_kwargs),
+      backbone_kwargs=backbone_kwargs(model_config),
       frozen_bn=tuple(frozen_bn),
       backbone_bn_inference=model_config.backbone_bn_inference,
       dtype=DTYPES[compute_dtype(model_config.dtype)],

@@ -11,7 +11,6 @@ ImageNet weights expect "tf" preprocessing (x / 127.5 - 1).
 
 from __future__ import annotations
 
-import functools
 from typing import Sequence
 
 import flax.linen as nn
@@ -19,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from resdense_jax.models import keras_layers as kl
+from resdense_jax.models.features import Names, capturing
 
 
 def residual_block(module: nn.Module, x: jax.Array, filters: int, name: str, train: bool, *, stride: int = 1,
@@ -64,43 +64,82 @@ def _auto_name(base: str, index: int) -> str:
 
 
 class ResNetV2(kl.KerasApplication):
-  """Keras ResNet v2. `stage_sizes`/`filters` give depth and width, so small variants share this code.
+  """Keras ResNet v2 of any depth and width (`stage_sizes`, `filters`, `stem_filters`); ResNet50V2/101V2/152V2
+  are this with Keras's stage sizes. Every stage needs at least 2 blocks (Keras names a 1-block stage's two
+  blocks alike). Other fields: see `KerasApplication`.
 
-  `__call__(x, train)` takes preprocessed NHWC input ("tf" mode for ImageNet weights) and returns the final
-  feature map (after `post_bn` and `post_relu`), its global pooling, or (include_top) class probabilities, as
-  Keras does. Every stage needs at least 2 blocks (Keras names a 1-block stage's two blocks alike).
+  Input: NHWC float (or uint8) images, at least 32x32, preprocessed in Keras's "tf" mode for the ImageNet
+  weights: `models.preprocess_input(rgb_0_255, "tf")` (to [-1, 1]).
   """
   stage_sizes: Sequence[int] = (3, 4, 23, 3)
   filters: Sequence[int] = (64, 128, 256, 512)
   stem_filters: int = 64
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool = False, *, features: Names = None) -> jax.Array | dict:
+    """The Keras model's output on preprocessed NHWC images `x` ("tf" mode for ImageNet weights).
+
+    Args:
+      x: (N, H, W, 3) floating or uint8, H and W at least 32.
+      train: BatchNorm uses (and updates, with `mutable=["batch_stats"]`) batch statistics, as Keras's
+        `training=True`; the default is inference, as Keras's direct call.
+      features: Keras layer names (any of `keras_layers()`, e.g. "conv4_block6_out", "post_relu") to return
+        instead of the output, as `keras.Model(base.input, base.get_layer(name).output)` would.
+
+    Returns:
+      include_top: (N, num_classes) float32 probabilities (logits if classifier_activation=None); pooling
+      "avg"/"max": (N, 4 * filters[-1]); else the final feature map after `post_bn` and `post_relu`, (N,
+      ceil(H/32), ceil(W/32), 4 * filters[-1]) for 4 stages. With `features`: {layer name: its output}.
+    """
     if len(self.stage_sizes) != len(self.filters):
       raise ValueError(f"stage_sizes {tuple(self.stage_sizes)} and filters {tuple(self.filters)} differ in length")
     if min(self.stage_sizes, default=0) < 2:
       raise ValueError(f"stage_sizes {tuple(self.stage_sizes)}: every ResNet v2 stage needs at least 2 blocks "
                        "(its first block projects, its last one strides)")
-    x = kl.input_layer(jnp.asarray(x, self.dtype))
-    x = kl.zero_padding(x, 3, "conv1_pad")
-    x = kl.conv(self, x, self.stem_filters, 7, "conv1_conv", strides=2)
-    x = kl.zero_padding(x, 1, "pool1_pad")
-    x = kl.max_pool(x, 3, 2, "pool1_pool")
-    last = len(self.stage_sizes) - 1
-    for i, (blocks, filters) in enumerate(zip(self.stage_sizes, self.filters)):
-      # Every stage but the last ends with a stride-2 block whose shortcut is the i-th unnamed MaxPooling2D.
-      stride = 1 if i == last else 2
-      x = residual_stack(self, x, filters, blocks, f"conv{i + 2}", train, stride=stride,
-                         pool_name=_auto_name("max_pooling2d", i) if stride > 1 else None)
-    x = kl.batch_norm(self, x, "post_bn", train)
-    x = kl.relu(x, "post_relu")
-    return self.output(x)
+    names = self.check_input(x, train, features)
+    with capturing(names) as captured:
+      x = kl.input_layer(jnp.asarray(x, self.dtype))
+      x = kl.zero_padding(x, 3, "conv1_pad")
+      x = kl.conv(self, x, self.stem_filters, 7, "conv1_conv", strides=2)
+      x = kl.zero_padding(x, 1, "pool1_pad")
+      x = kl.max_pool(x, 3, 2, "pool1_pool")
+      last = len(self.stage_sizes) - 1
+      for i, (blocks, filters) in enumerate(zip(self.stage_sizes, self.filters)):
+        # Every stage but the last ends with a stride-2 block whose shortcut is the i-th unnamed MaxPooling2D.
+        stride = 1 if i == last else 2
+        x = residual_stack(self, x, filters, blocks, f"conv{i + 2}", train, stride=stride,
+                           pool_name=_auto_name("max_pooling2d", i) if stride > 1 else None)
+      x = kl.batch_norm(self, x, "post_bn", train)
+      x = kl.relu(x, "post_relu")
+      x = self.output(x)
+    return x if captured is None else captured.result(names, self.where)
 
   @property
   def num_features(self) -> int:
     return 4 * self.filters[-1]
 
+  @nn.nowrap
+  def feature_size(self, size: int) -> int:
+    # The stem conv and pool halve rounding up (padded, stride 2); so does the padded strided 3x3 ending every
+    # stage but the last.
+    for _ in range(2 + max(len(self.stage_sizes) - 1, 0)):
+      size = -(-size // 2)
+    return size
 
-ResNet50V2 = functools.partial(ResNetV2, stage_sizes=(3, 4, 6, 3))
-ResNet101V2 = functools.partial(ResNetV2, stage_sizes=(3, 4, 23, 3))
-ResNet152V2 = functools.partial(ResNetV2, stage_sizes=(3, 8, 36, 3))
+
+class ResNet50V2(ResNetV2):
+  __doc__ = kl.application_doc("ResNet50V2", "ResNet v2 (pre-activation) with 50 layers (stage sizes 3, 4, 6, 3)",
+                               "tf", 2048, "conv4_block6_out")
+  stage_sizes: Sequence[int] = (3, 4, 6, 3)
+
+
+class ResNet101V2(ResNetV2):
+  __doc__ = kl.application_doc("ResNet101V2", "ResNet v2 (pre-activation) with 101 layers (stage sizes 3, 4, 23, "
+                               "3)", "tf", 2048, "conv4_block23_out")
+  stage_sizes: Sequence[int] = (3, 4, 23, 3)
+
+
+class ResNet152V2(ResNetV2):
+  __doc__ = kl.application_doc("ResNet152V2", "ResNet v2 (pre-activation) with 152 layers (stage sizes 3, 8, 36, "
+                               "3)", "tf", 2048, "conv4_block36_out")
+  stage_sizes: Sequence[int] = (3, 8, 36, 3)

@@ -137,14 +137,28 @@ def load_keras(model: Any, path_or_name: os.PathLike | str, *, cache_dir: os.Pat
   sit in a model nested in a larger one (a backbone inside a classifier) is read from the nested model that fits;
   `submodel` (or a `#<name>` suffix on the path) names it where several would.
   """
+  _refuse_several_backbones(model, path_or_name)
   path_or_name, suffix = split_submodel(path_or_name)
   path = resolve(model, path_or_name, cache_dir=cache_dir, download_ok=download)
   return assign(model, h5.read(path), submodel=submodel or suffix)
 
 
+def _refuse_several_backbones(model: Any, source: Any) -> None:
+  """A model whose keras_layers() is {backbone: layers} (ResDenseNet) is not one Keras model: say what to call."""
+  if not hasattr(model, "backbone_modules"):
+    return
+  names = list(model.backbone_modules())
+  raise WeightsError(
+      f"{source}: load_keras fills one Keras backbone, but {type(model).__name__} holds the backbones {names} and "
+      f"a fusion head no Keras file has; use `variables = model.pretrained({str(source)!r}, rng=...)` (each backbone "
+      f"from its Keras weights, the rest initialised from rng), or load one backbone: "
+      f"weights.load_keras(model.backbone_modules()[{names[0]!r}], {str(source)!r})")
+
+
 def assign(model: Any, weights: h5.KerasWeightsH5, *, submodel: str | None = None) -> dict[str, Any]:
   """Maps the weights read from a file (its top level or the nested model that fits) onto the model's
   variables."""
+  _refuse_several_backbones(model, weights.source)
   keras_layers = model.keras_layers()
   weights = select(weights, keras_layers, submodel)
   _check_architecture(weights, [layer.name for layer in keras_layers])

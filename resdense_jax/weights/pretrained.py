@@ -1,5 +1,8 @@
 """config.model.pretrained: which Keras weights each backbone starts from, and the record of the files a run read.
 
+`load_backbones` fills each backbone's sub-tree from these values: the training engine (`train.load_pretrained`)
+and `models.ResDenseNet.pretrained` both call it; `field` names the setting in its errors.
+
 Accepted values (configs/common.py declares the field with type `object`, so a Python config may assign a dict
 and `--config.model.pretrained=...` parses a literal):
 
@@ -32,37 +35,39 @@ FIELD = "config.model.pretrained"
 RECORD_KEY = "pretrained_weights"
 
 
-def per_backbone(value: Any, backbones: Sequence[str]) -> dict[str, str]:
-  """{backbone: "imagenet" | "none" | path} from config.model.pretrained (forms in the module docstring)."""
+def per_backbone(value: Any, backbones: Sequence[str], *, field: str = FIELD) -> dict[str, str]:
+  """{backbone: "imagenet" | "none" | path} from config.model.pretrained (forms in the module docstring);
+  `field` names the setting in errors (the config field, or `weights` of `ResDenseNet.pretrained`)."""
   backbones = list(backbones)
+  where = "config.model.backbones" if field == FIELD else "the model's backbones"
   if isinstance(value, str):
     value = value.strip()
     if value.startswith("{"):
       try:
         value = json.loads(value)
       except json.JSONDecodeError as e:
-        raise ValueError(f"{FIELD}: {value!r} is not a JSON object ({e}); write "
+        raise ValueError(f"{field}: {value!r} is not a JSON object ({e}); write "
                          '{"resnet50": "/w/a.h5", "densenet121": "imagenet"}') from e
     elif "=" in value and not pathlib.Path(value).expanduser().is_file():
-      value = dict(_key_value(part, value) for part in value.split(","))
+      value = dict(_key_value(part, value, field) for part in value.split(","))
   if isinstance(value, Mapping):
     entries = {str(k): v for k, v in dict(value).items()}
     unknown = [k for k in entries if k not in backbones]
     if unknown:
-      raise ValueError(f"{FIELD}: key {unknown[0]!r} is not one of config.model.backbones {tuple(backbones)}")
+      raise ValueError(f"{field}: key {unknown[0]!r} is not one of {where} {tuple(backbones)}")
     missing = [b for b in backbones if b not in entries]
     if missing:
-      raise ValueError(f"{FIELD}: no value for backbone {missing[0]!r}; give each of {tuple(backbones)} "
+      raise ValueError(f"{field}: no value for backbone {missing[0]!r}; give each of {tuple(backbones)} "
                        f"'{IMAGENET}', '{NONE}' or a file, e.g. {{{missing[0]!r}: '{IMAGENET}'}}")
-    return {b: _single(entries[b], f"{FIELD}[{b!r}]") for b in backbones}
-  single = _single(value, FIELD)
+    return {b: _single(entries[b], f"{field}[{b!r}]") for b in backbones}
+  single = _single(value, field)
   return {b: single for b in backbones}
 
 
-def _key_value(part: str, text: str) -> tuple[str, str]:
+def _key_value(part: str, text: str, field: str) -> tuple[str, str]:
   key, sep, val = part.partition("=")
   if not sep or not key.strip():
-    raise ValueError(f"{FIELD}: {text!r}: expected backbone=value pairs separated by commas, got {part!r}")
+    raise ValueError(f"{field}: {text!r}: expected backbone=value pairs separated by commas, got {part!r}")
   return key.strip(), val.strip()
 
 
@@ -78,11 +83,46 @@ def _single(value: Any, where: str) -> str:
   return NONE if value in ("", NONE) else value
 
 
-def imagenet_hint(keras_name: str) -> str:
-  """How to get a backbone's published ImageNet file when it is missing."""
+def imagenet_hint(keras_name: str, field: str = FIELD) -> str:
+  """How to get a backbone's published ImageNet file when it is missing (command-line options for the config
+  field, keyword arguments otherwise)."""
+  where, scratch = (("--config.model.weights_dir", f"--{FIELD}=none") if field == FIELD else
+                    ("the folder passed as cache_dir=", f"{field}='{NONE}'"))
   return (f"Get them with `python -m resdense_jax.weights` (see its --help), or let Keras download them once "
           f"(keras.applications.{keras_name}(weights='imagenet', include_top=False)), or put the published .h5 "
-          f"files into --config.model.weights_dir; or train from scratch with --{FIELD}=none.")
+          f"files into {where}; or start from random weights with {scratch}.")
+
+
+def load_backbones(model: Any, variables: Mapping[str, Any], value: Any, *, cache_dir=None, download: bool = True,
+                   field: str = FIELD) -> dict[str, Any]:
+  """`variables` with each backbone's sub-tree (`params[name]`, `batch_stats[name]`) replaced by the Keras
+  weights `value` names for it (any form of the module docstring); backbones set to "none" keep theirs.
+
+  `model` is a ResDenseNet (anything with `backbone_modules()`); each backbone goes through `loader.load_keras`
+  with all of its checks. Errors name the backbone, the file and `field`.
+  """
+  modules = model.backbone_modules()
+  sources = per_backbone(value, list(modules), field=field)
+  params, batch_stats = dict(variables["params"]), dict(variables.get("batch_stats", {}))
+  for name, module in modules.items():
+    if sources[name] == NONE:
+      continue
+    loaded = load_backbone(name, module, sources[name], cache_dir=cache_dir, download=download, field=field)
+    params[name], batch_stats[name] = loaded["params"], loaded["batch_stats"]
+  return {"params": params, "batch_stats": batch_stats}
+
+
+def load_backbone(name: str, module: Any, source: str, *, cache_dir=None, download: bool = True,
+                  field: str = FIELD) -> dict[str, Any]:
+  """One backbone's Keras weights from "imagenet", a published file name or a path (`path#sub-model`)."""
+  if source != IMAGENET and source not in registry.REGISTRY:
+    explicit_file(name, source, field=field)  # a missing file says which backbone and which setting
+  try:
+    return loader.load_keras(module, source, cache_dir=cache_dir, download=download)
+  except WeightsError as e:
+    if source == IMAGENET:
+      raise WeightsError(f"ImageNet weights for {name}: {e}\n{imagenet_hint(type(module).__name__, field)}") from e
+    raise WeightsError(f"{e} ({field} for backbone {name!r})") from e
 
 
 def record(model: Any, model_config, *, download_ok: bool) -> dict[str, dict]:
@@ -111,12 +151,12 @@ def record(model: Any, model_config, *, download_ok: bool) -> dict[str, dict]:
   return out
 
 
-def explicit_file(name: str, source: str) -> tuple[pathlib.Path, str | None]:
+def explicit_file(name: str, source: str, *, field: str = FIELD) -> tuple[pathlib.Path, str | None]:
   """(file, nested model or None) of a configured path (`path` or `path#name`); the file must exist."""
   file_part, submodel = loader.split_submodel(source)
   path = pathlib.Path(file_part).expanduser()
   if not path.is_file():
-    raise WeightsError(f"{path}: no such file ({FIELD} for backbone {name!r}; {FIELD} must be 'imagenet' or "
+    raise WeightsError(f"{path}: no such file ({field} for backbone {name!r}; {field} must be 'imagenet' or "
                        "'none', the path of a Keras weights file, or one such value per backbone)")
   return path, submodel
 
