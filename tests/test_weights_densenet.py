@@ -18,15 +18,15 @@ from resdense_jax import models, weights
 TOLERANCE = 1e-4
 SQUARE, ODD = (64, 64), (65, 47)
 
-# Each case builds and runs a full DenseNet121 in Keras (15-25 s here): every layout, top and no top, both
-# input kinds and a pooling stay in the suite; the rest of the product is `long`.
+# Each case builds and runs a full DenseNet121 in Keras (15-45 s here): one stays in the suite (the loader's
+# layouts, tops and poolings are covered there by the ResNet cases, the same loader); the rest is `long`.
 LONG = pytest.mark.long
 PARITY = [
     ("densenet121", False, None, SQUARE, "legacy"),
     pytest.param("densenet121", False, None, SQUARE, "tf_keras", marks=LONG),
-    ("densenet121", False, "avg", SQUARE, "keras3"),
+    pytest.param("densenet121", False, "avg", SQUARE, "keras3", marks=LONG),
     pytest.param("densenet121", False, "max", ODD, "legacy", marks=LONG),
-    ("densenet121", True, None, ODD, "tf_keras"),
+    pytest.param("densenet121", True, None, ODD, "tf_keras", marks=LONG),
     pytest.param("densenet121", True, None, ODD, "keras3", marks=LONG),
 ]
 
