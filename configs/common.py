@@ -39,6 +39,7 @@ def get_base_config() -> ml_collections.ConfigDict:
       "train": (24, 24), "validation": (12, 12), "test": 4})
   config.data.synthetic_slice_size = 64
   config.data.synthetic_num_slices = (8, 16)
+  config.data.synthetic_lesion_fraction = 1.0  # share of a synthetic COVID scan's slices with opacities (< 1: a band)
   config.data.image_size = 256
   config.data.val_fraction = 0.25         # used only when the root has no validation split
   config.data.augment = True
@@ -54,6 +55,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   # centred, padded with 0 = air in the window). data/augment.py `resize`.
   config.data.resize = "squash"
   config.data.balanced_sampling = False   # each epoch: classes equally likely, scans of a class equally often
+  # Scan heads only (config.model.scan_head != "mean"): a training step takes batch_size scans x slices_per_scan
+  # slices each, in order, from a random start with a random stride in [1, slice_stride] (0: the largest stride
+  # that fits); a scan with fewer slices repeats some (resdense_jax/data/scan_batches.py).
+  config.data.slices_per_scan = 16
+  config.data.slice_stride = 0
 
   config.model = ml_collections.ConfigDict()
   config.model.backbones = ("resnet101", "densenet121")
@@ -75,6 +81,14 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.model.pretrained = ml_collections.FieldReference("imagenet", field_type=object)
   config.model.weights_dir = ""           # folder with the Keras .h5 files; default: the Keras cache
   config.model.download_weights = True    # fetch missing files from Keras's published URLs
+  # How a scan's score is formed (resdense_jax/models/scan_heads.py): "mean" (the paper: each slice scored alone,
+  # scan = mean slice probability) | "attention" (gated attention pooling over the slices' pooled fused features,
+  # Ilse et al. 2018, then "predictions": one logit per scan) | "transformer" (a small transformer encoder over
+  # the slice feature sequence with learned relative-position buckets, then the same attention pooling).
+  config.model.scan_head = "mean"
+  config.model.scan_attention_hidden = 64   # width of the gated attention's V and U
+  config.model.scan_transformer = ml_collections.ConfigDict({
+      "width": 64, "layers": 2, "heads": 4, "mlp_dim": 128, "position_buckets": 32, "dropout": 0.0})
 
   config.train = ml_collections.ConfigDict()
   config.train.batch_size = 32            # global batch, split over all devices
@@ -116,4 +130,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.eval.tta = "none"                # none | flip: slice probability = mean over the slice and its mirror
   config.eval.middle_fraction = 1.0       # evaluate on the middle fraction of each scan's slices
   config.eval.best_metric = "val_scan_macro_f1"
+  # Scan heads: the scan head runs once over each whole scan, its features padded to the next multiple of this
+  # (masked), so one program serves every scan up to that length; the slices go through in eval batches.
+  config.eval.scan_length_bucket = 64
   return config

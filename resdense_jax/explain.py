@@ -11,6 +11,9 @@ writes into --out:
   slice_probabilities.png   P(COVID) of each slice along the body axis, with the scan score and threshold
   maps.npz                  the numbers behind the figures: `maps` (float32 [n, h, w], each slice's map at the
                             slice's resolution), `slice_probs`, `p_covid`, `threshold`, `method`, `layer`
+                            (with a scan head, config.model.scan_head attention / transformer: also
+                            `slice_weights`, each slice's attention weight; p_covid is the head's scan score,
+                            the top slices are those with the most attention, and the plot shows the weights)
 
 The default map is the CAM of the fused feature map (resdense_jax/cam.py): the head's COVID weights projected
 onto the added ResNet + DenseNet features before pooling, i.e. each location's contribution to the COVID logit.
@@ -52,10 +55,13 @@ class ScanExplanation:
   method: str
   threshold: float
   layer: str | None = None
+  # A scan head's (config.model.scan_head attention / transformer) attention weight of each slice; None: mean.
+  slice_weights: np.ndarray | None = None
 
   def top_slices(self, k: int) -> np.ndarray:
-    """Indices of the k slices with the highest P(COVID), highest first."""
-    return np.argsort(-self.slice_probs, kind="stable")[:k]
+    """Indices of the k slices with the highest P(COVID) (with a scan head: the most attention), highest first."""
+    ranking = self.slice_probs if self.slice_weights is None else self.slice_weights
+    return np.argsort(-np.asarray(ranking), kind="stable")[:k]
 
 
 def _map_fn(predictor, method: str, layer: str | None):
@@ -118,6 +124,10 @@ def explain_scan(predictor, scan_or_path, *, method: str = "cam", layer: str | N
   if method == "gradcam" and not layer:
     layer = predictor.model.backbones[0]
   maps, probs = activation_maps(predictor, read.slices, method=method, layer=layer, shape=scan.slices.shape[1:])
+  if getattr(predictor, "scan_inference", None) is not None:  # a scan head: its score and attention weights
+    p_covid, weights, probs = predictor.scan_head_scores(read)
+    return ScanExplanation(scan=scan, slice_probs=probs, p_covid=p_covid, maps=maps, method=method,
+                           threshold=predictor.threshold, layer=layer, slice_weights=weights)
   return ScanExplanation(scan=scan, slice_probs=probs, p_covid=predictor.scan_score(probs), maps=maps,
                          method=method, threshold=predictor.threshold, layer=layer)
 
@@ -164,7 +174,11 @@ def plot_top_slice(explanation: ScanExplanation, index: int, rank: int, path) ->
   ax_raw.set_xticks([])
   ax_raw.set_yticks([])
   artist = _overlay(ax_map, image, explanation.maps[index], vmax)
-  ax_map.set_title(f"P(COVID) {explanation.slice_probs[index]:.3f} (rank {rank} in the scan)")
+  if explanation.slice_weights is None:
+    ax_map.set_title(f"P(COVID) {explanation.slice_probs[index]:.3f} (rank {rank} in the scan)")
+  else:
+    ax_map.set_title(f"attention {explanation.slice_weights[index]:.3f} (rank {rank}), "
+                     f"P(COVID) {explanation.slice_probs[index]:.3f}")
   fig.colorbar(artist, ax=ax_map, fraction=0.046, pad=0.03, label=_map_label(explanation))
   fig.suptitle(_title(explanation), fontsize=10)
   return plotting.save_figure(fig, path)
@@ -186,7 +200,8 @@ def plot_montage(explanation: ScanExplanation, path, *, columns: int | None = No
       continue
     artist = _overlay(ax, explanation.scan.slices[i], explanation.maps[i], vmax)
     above = explanation.slice_probs[i] > explanation.threshold
-    ax.set_title(f"{i}: {explanation.slice_probs[i]:.2f}", fontsize=7, color="red" if above else "black",
+    weight = "" if explanation.slice_weights is None else f" a{explanation.slice_weights[i]:.2f}"
+    ax.set_title(f"{i}: {explanation.slice_probs[i]:.2f}{weight}", fontsize=7, color="red" if above else "black",
                  pad=2)
     for spine in ax.spines.values():
       spine.set_edgecolor("red" if above else "lightgrey")
@@ -210,6 +225,8 @@ def plot_slice_probabilities(explanation: ScanExplanation, path, *, top: Sequenc
   ax.axhline(explanation.p_covid, color="black", linewidth=1.2, label=f"scan score {explanation.p_covid:.3f}")
   ax.axhline(explanation.threshold, color="grey", linestyle="--", linewidth=1,
              label=f"threshold {explanation.threshold:g}")
+  if explanation.slice_weights is not None:  # beside each slice's probability, the attention it gets
+    ax.bar(index, explanation.slice_weights, width=0.8, color="tab:blue", alpha=0.35, label="attention weight")
   if len(top):
     ax.plot(top, probs[list(top)], "*", color="gold", markeredgecolor="black", markersize=12,
             label="slices shown", linestyle="none")
@@ -232,7 +249,9 @@ def save_maps(explanation: ScanExplanation, path) -> pathlib.Path:
     with os.fdopen(fd, "wb") as f:
       np.savez(f, maps=np.asarray(explanation.maps, np.float32),
                slice_probs=np.asarray(explanation.slice_probs, np.float32), p_covid=explanation.p_covid,
-               threshold=explanation.threshold, method=explanation.method, layer=explanation.layer or "")
+               threshold=explanation.threshold, method=explanation.method, layer=explanation.layer or "",
+               **({} if explanation.slice_weights is None else
+                  {"slice_weights": np.asarray(explanation.slice_weights, np.float32)}))
     os.replace(tmp, path)
   except BaseException:
     pathlib.Path(tmp).unlink(missing_ok=True)

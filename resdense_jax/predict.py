@@ -36,7 +36,8 @@ import numpy as np
 import tqdm
 from absl import flags
 
-from resdense_jax import checkpoints, compilation_cache, cpu_flags, data, evaluate, metrics, sharding, train
+from resdense_jax import (checkpoints, compilation_cache, cpu_flags, data, evaluate, metrics, scan_train, sharding,
+                          train)
 from resdense_jax.data import augment, dicom, pipeline, scans
 from resdense_jax.data.discover import SPLIT_NAMES, scans_in
 
@@ -62,6 +63,8 @@ class ScanPrediction:
   slice_probs: np.ndarray
   true_label: int | None = None
   slice_indices: np.ndarray | None = None
+  # A scan head's (config.model.scan_head attention / transformer) attention weight of each slice; None: mean.
+  slice_weights: np.ndarray | None = None
 
   @property
   def n_slices(self) -> int:
@@ -164,6 +167,11 @@ class Predictor:
     self._sharding = sharding.data_sharded(mesh)
     self.variables = jax.device_put(variables, sharding.replicated(mesh))
     self._eval_fn = train.compile_eval_step(model, mesh, tta=self.tta)
+    # A scan head scores the whole scan once from all its slices' features (scan_train.ScanInference).
+    self.scan_inference = (scan_train.ScanInference(
+        scan_train.create_model(config), mesh, batch_size=self.batch_size, tta=self.tta,
+        bucket=int(config.eval.get("scan_length_bucket", scan_train.DEFAULT_BUCKET)))
+        if scan_train.uses_scan_head(config) else None)
 
   @classmethod
   def from_checkpoint(cls, checkpoint_dir: str | os.PathLike, **overrides) -> "Predictor":
@@ -220,16 +228,31 @@ class Predictor:
     """(P(COVID) of the scan, P(COVID) of each slice read) for a scan path, data.ScanRef, data.Scan or
     data.ScanSlices."""
     scan = self.read(scan_or_path)
+    if self.scan_inference is not None:
+      p_covid, _, slice_probs = self.scan_head_scores(scan)
+      return p_covid, slice_probs
     slice_probs = self.slice_probabilities(scan.model_inputs(self.image_size))
     return self.scan_score(slice_probs), slice_probs
 
   def predict(self, scan_or_ref) -> ScanPrediction:
     """A ScanPrediction for a data.Scan, data.ScanRef or path (raises when it cannot be read)."""
     scan = self.read(scan_or_ref)
-    p_covid, slice_probs = self.predict_scan(scan)
+    weights = None
+    if self.scan_inference is not None:
+      p_covid, weights, slice_probs = self.scan_head_scores(scan)
+    else:
+      p_covid, slice_probs = self.predict_scan(scan)
     return ScanPrediction(scan_id=scan.scan_id, path=pathlib.Path(scan.path or scan.scan_id),
                           p_covid=p_covid, label=int(p_covid > self.threshold), slice_probs=slice_probs,
-                          true_label=scan.label, slice_indices=scan.indices)
+                          true_label=scan.label, slice_indices=scan.indices, slice_weights=weights)
+
+  def scan_head_scores(self, scan_or_path) -> tuple[float, np.ndarray, np.ndarray]:
+    """With a scan head: (P(COVID) of the scan, attention weight of each slice, P(COVID) of each slice alone
+    (attention) or in context (transformer)), the head once over the evaluation's middle slices."""
+    if self.scan_inference is None:
+      raise ValueError("scan_head_scores: this checkpoint's config.model.scan_head is 'mean' (no scan head)")
+    scan = self.read(scan_or_path)
+    return self.scan_inference.scan(self.variables, self.model_inputs(scan.slices), self.middle_fraction)
 
   def predict_many(self, inputs: Iterable, *, progress: bool = True
                    ) -> tuple[list[ScanPrediction], list[Failure]]:

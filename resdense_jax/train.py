@@ -29,7 +29,7 @@ import tqdm
 from flax import struct
 from jax.sharding import Mesh, NamedSharding
 
-from resdense_jax import checkpoints, compilation_cache, evaluate, feature_cache, losses, optim
+from resdense_jax import checkpoints, compilation_cache, evaluate, feature_cache, losses, optim, scan_train
 from resdense_jax.data import pipeline, prefetch, sources
 from resdense_jax.metric_writer import MetricWriter, summary_line
 from resdense_jax.models.build import DTYPES, create_model, plain  # noqa: F401  (train.create_model, as flax examples)
@@ -138,7 +138,9 @@ def create_phase(index: int, plan, config, params) -> Phase:
   if not 0.0 <= decay < 1.0:
     raise ValueError(f"config.train.ema_decay must be in [0, 1) (0: off), got {decay}")
   ema = Ema(decay, bool(config.train.get("ema_warmup", True)), start) if decay else None
-  return Phase(index, name, start, end, labels, model, tx, ema)
+  phase = Phase(index, name, start, end, labels, model, tx, ema)
+  # config.model.scan_head attention / transformer: the phase trains the ScanModel over that slice model.
+  return scan_train.scan_phase(phase, config) if scan_train.uses_scan_head(config) else phase
 
 
 def phase_index_at(plan, step: int) -> int:
@@ -355,8 +357,12 @@ def setup_run(config, workdir: pathlib.Path, *, fetch_weights: bool = True):
     raise ValueError(f"train/eval batch sizes ({config.train.batch_size}, {config.eval.batch_size}) must divide "
                      f"evenly over the {devices} devices")
   train_source, val_source = sources.data_sources(config, workdir)
-  steps_per_epoch = pipeline.steps_per_epoch(train_source, config.train.batch_size,
-                                             middle_fraction=config.data.middle_fraction)
+  if scan_train.uses_scan_head(config):  # batches of whole scans (scan_train.py)
+    scan_train.check_options(config)
+    steps_per_epoch = scan_train.steps_per_epoch(train_source, config)
+  else:
+    steps_per_epoch = pipeline.steps_per_epoch(train_source, config.train.batch_size,
+                                               middle_fraction=config.data.middle_fraction)
   plan = plan_phases(config, steps_per_epoch)
   record = (pretrained.run_record(create_model(config.model), config.model, workdir, download_ok=fetch_weights)
             if jax.process_index() == 0 else None)
@@ -372,6 +378,8 @@ def dry_run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> di
   size = config.data.image_size
   params = jax.eval_shape(functools.partial(model.init, train=False), jax.random.PRNGKey(0),
                           jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32))["params"]
+  if scan_train.uses_scan_head(config):  # the scan head's parameters too
+    params = scan_train.abstract_params(scan_train.create_model(config), size)
   phases = []
   for index, (name, phase_config, start, end) in enumerate(plan):
     counts = optim.count(create_phase(index, plan, config, params).labels, params)
@@ -398,19 +406,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   mesh = create_mesh()
   batch_size = config.train.batch_size
   train_source, val_source, steps_per_epoch, plan = setup_run(config, workdir)
+  # Slices a step sees: batch_size slices, or batch_size scans x slices_per_scan with a scan head.
+  images_per_step = batch_size * (int(config.data.slices_per_scan) if scan_train.uses_scan_head(config) else 1)
   total_steps = plan[-1][3]
   eval_every = steps_per_epoch * config.train.eval_every_epochs
   remat = config.train.get("remat", "none")
   remat_policy(remat)  # a misspelt policy fails here, not after the first phase
   tta = evaluate.check_tta(config.eval.get("tta", "none"))  # likewise a misspelt test-time augmentation
 
-  model = create_model(config.model)
+  scan = scan_train.uses_scan_head(config)  # one logit per scan: scan_train.py's model, batches, evaluation
+  model = scan_train.create_model(config) if scan else create_model(config.model)
   # Initial weights from the RBG generator: the init program compiles ~3x faster on CPU than with threefry
   # (12-16 s for a small Res-Dense Net); the state's RNG (dropout) stays threefry.
   init_rng = jax.random.key(config.seed, impl="rbg")
   state_rng = jax.random.split(jax.random.PRNGKey(config.seed))[1]
-  variables = initialized(init_rng, model, config.data.image_size)
-  train_iter = iter(pipeline.train_pipeline(
+  variables = (scan_train.initialized if scan else initialized)(init_rng, model, config.data.image_size)
+  train_iter = iter(scan_train.train_pipeline(train_source, config)) if scan else iter(pipeline.train_pipeline(
       train_source, image_size=config.data.image_size, batch_size=batch_size, seed=config.seed,
       num_epochs=None, augment=config.data.augment, rotation_factor=config.data.rotation_factor,
       middle_fraction=config.data.middle_fraction, num_workers=config.data.num_workers,
@@ -483,7 +494,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         step_fn = compiled_with_progress(step_builder, what, state, batch)
         # PreciseBN changes nothing while no BatchNorm trains (backbones frozen, e.g. phase 1): skipped there.
         bn_trains = not feature_cache.applies(phase.model, phase.labels)
-        stats_fn = compile_batch_statistics(phase.model, mesh) if precise_bn and bn_trains else None
+        stats_fn = (compile_batch_statistics(scan_train.slice_model(phase.model), mesh)
+                    if precise_bn and bn_trains else None)
         compiled_phase = phase
         period_compile += time.perf_counter() - compile_start
         progress.set_description(f"train [{phase.name}]")
@@ -511,17 +523,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
           state = precise_batch_stats(state, sources.precise_bn_batches(train_source, config, step),
                                       stats_fn=stats_fn, batch_sharding=batch_sharding, num_batches=precise_bn)
         if eval_fn is None:  # inference ignores the phases' frozen BatchNorms: one program for the whole run
-          eval_fn = compile_eval_step(model, mesh, tta=tta,
-                                      variables_shardings=state_sharding(state.variables, mesh, fsdp=fsdp))
+          eval_fn = (scan_train.Evaluator if scan else compile_eval_step)(
+              model, mesh, tta=tta, variables_shardings=state_sharding(state.variables, mesh, fsdp=fsdp))
         # The EMA weights when config.train.ema_decay > 0 (what the checkpoint's inference loads too).
-        results = evaluate.evaluate(eval_fn, state.eval_variables, val_source, config, batch_sharding)
+        results = (eval_fn.evaluate if scan else functools.partial(evaluate.evaluate, eval_fn))(
+            state.eval_variables, val_source, config, batch_sharding)
         record = {"step": step, "epoch": -(-step // steps_per_epoch), "phase": phase.index,
                   "phase_name": phase.name, "train_loss": float(loss_sum) / max(loss_count, 1),
                   **{f"val_{k}": v for k, v in results.items()},
                   # Timing of the steps since the last evaluation, compiles excluded (TIMING_FIELDS: they
                   # differ between otherwise identical runs). data_wait_fraction: the share of that time the
                   # loop waited for a batch, 0 when the loader keeps up.
-                  "train_images_per_s": period_steps * batch_size / max(elapsed, 1e-9),
+                  "train_images_per_s": period_steps * images_per_step / max(elapsed, 1e-9),
                   "data_wait_fraction": min(1.0, waited / max(elapsed, 1e-9))}
         value = record[config.eval.best_metric]
         if best_value is None or value > best_value:

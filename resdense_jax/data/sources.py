@@ -24,7 +24,8 @@ def resolve_data_root(config, workdir: pathlib.Path) -> pathlib.Path:
     if jax.process_index() == 0 and not (root / ".complete").exists():
       synthetic.write_collection(root, num_scans=plain(config.data.synthetic_scans),
                                  slice_size=config.data.synthetic_slice_size,
-                                 num_slices=tuple(config.data.synthetic_num_slices), seed=config.seed)
+                                 num_slices=tuple(config.data.synthetic_num_slices), seed=config.seed,
+                                 lesion_fraction=float(config.data.get("synthetic_lesion_fraction", 1.0)))
       (root / ".complete").write_text("written by resdense_jax.train\n")
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices("resdense_jax synthetic collection written")

@@ -388,8 +388,16 @@ def _lesion_coverage(anatomy: _Anatomy, zs: np.ndarray) -> float:
 
 
 def synthetic_scan(seed: int, *, covid: bool, num_slices: int = 24, slice_size: int = 128,
-                   scan_id: str = "synthetic", window=DEFAULT_WINDOW) -> tuple[Scan, np.ndarray]:
-  """One synthetic scan and its opacity mask (bool `[n, h, w]`, all False for non-COVID)."""
+                   scan_id: str = "synthetic", window=DEFAULT_WINDOW,
+                   lesion_fraction: float = 1.0) -> tuple[Scan, np.ndarray]:
+  """One synthetic scan and its opacity mask (bool `[n, h, w]`, all False for non-COVID).
+
+  lesion_fraction < 1 (COVID scans): the opacities sit only in a band of max(1, round(f * n)) consecutive
+  slices at a random height (every lesion moved into the band; slices outside it rendered without them), so
+  only a few slices of the scan carry the finding (issue 13's collection). 1.0: opacities over most slices.
+  """
+  if not 0.0 < lesion_fraction <= 1.0:
+    raise ValueError(f"lesion_fraction must be in (0, 1], got {lesion_fraction}")
   rng = np.random.default_rng(seed)
   anatomy = _sample_anatomy(rng, covid)
   z_lo, z_hi = rng.uniform(0.0, 0.08), rng.uniform(0.9, 1.0)
@@ -401,8 +409,19 @@ def synthetic_scan(seed: int, *, covid: bool, num_slices: int = 24, slice_size: 
         break
       anatomy.lesions = _sample_lesions(rng, anatomy)
   slab = 0.5 * (z_hi - z_lo) / max(num_slices - 1, 1)
+  band = range(num_slices)
+  if covid and lesion_fraction < 1.0:
+    count = max(1, int(round(lesion_fraction * num_slices)))
+    first = int(rng.integers(0, num_slices - count + 1))
+    band = range(first, first + count)
+    lo, hi = float(zs[band[0]]), float(zs[band[-1]])
+    for lesion in anatomy.lesions:  # centred inside the band, long enough along z to reach its ends
+      lesion.centre[2] = rng.uniform(lo, hi)
+      lesion.radii[2] = max(hi - lesion.centre[2], lesion.centre[2] - lo) / 0.8 + 2 * slab
+  lesions = anatomy.lesions
   slices, masks = [], []
-  for z in zs:
+  for i, z in enumerate(zs):
+    anatomy.lesions = lesions if i in band else []
     hu, mask = _render_slice(anatomy, float(z), slab, slice_size, rng)
     slices.append(window_to_uint8(hu, window))
     masks.append(mask)
@@ -437,7 +456,7 @@ def _plan(num_scans, seed: int):
 
 
 def write_collection(root, *, num_scans=None, slice_size=128, num_slices=(16, 32), seed: int = 0,
-                     jpeg_quality: int = 92, progress: bool = True) -> Path:
+                     jpeg_quality: int = 92, progress: bool = True, lesion_fraction: float = 1.0) -> Path:
   """Writes a COV19-CT-DB-layout collection of synthetic scans under `root`; returns root.
 
   Layout: `<root>/{train,validation}/{covid,non-covid}/<scan_id>/<i>.jpg`, unlabelled
@@ -449,6 +468,7 @@ def write_collection(root, *, num_scans=None, slice_size=128, num_slices=(16, 32
     num_scans: {"train": (covid, non_covid), "validation": (covid, non_covid), "test": n}.
     slice_size: pixels per side, or a sequence to draw each scan's size from.
     num_slices: (min, max) slices per scan, inclusive.
+    lesion_fraction: the share of a COVID scan's slices that carry opacities (synthetic_scan); 1.0: most.
   """
   root = Path(root)
   if root.exists() and any(root.iterdir()):
@@ -466,7 +486,7 @@ def write_collection(root, *, num_scans=None, slice_size=128, num_slices=(16, 32
       n = int(rng.integers(num_slices[0], num_slices[1] + 1))
       size = int(sizes[int(rng.integers(len(sizes)))])
       scan, mask = synthetic_scan(int(rng.integers(2 ** 31)), covid=covid, num_slices=n,
-                                  slice_size=size, scan_id=scan_id)
+                                  slice_size=size, scan_id=scan_id, lesion_fraction=lesion_fraction)
       folder = staging / split / class_dir / scan_id if class_dir else staging / split / scan_id
       _write_jpegs(scan.slices, folder, jpeg_quality)
       if covid:
