@@ -133,11 +133,18 @@ def best_threshold(labels: np.ndarray, scores: np.ndarray, *, prefer: float = 0.
 def scan_and_slice_metrics(slice_probs: np.ndarray, slice_labels: np.ndarray, scan_index: np.ndarray,
                            scan_labels: np.ndarray, *, rule: str = "mean", threshold: float = 0.5) -> dict:
   """Everything reported after an evaluation: "scan_*" metrics on aggregated scores, and slice accuracy."""
-  scan_labels = np.asarray(scan_labels, np.int64)
   scan_scores = aggregate_scans(slice_probs, scan_index, len(scan_labels), rule=rule)
   if np.isnan(scan_scores).any():
     missing = np.flatnonzero(np.isnan(scan_scores))
     raise ValueError(f"{len(missing)} scans got no slice in the evaluation (first: scan index {missing[0]})")
+  return scored_scan_metrics(scan_scores, scan_labels, slice_probs, slice_labels, threshold=threshold)
+
+
+def scored_scan_metrics(scan_scores: np.ndarray, scan_labels: np.ndarray, slice_probs: np.ndarray,
+                        slice_labels: np.ndarray, *, threshold: float = 0.5) -> dict:
+  """The keys of `scan_and_slice_metrics` from scan scores given directly (a scan head's, or aggregated)."""
+  scan_labels = np.asarray(scan_labels, np.int64)
+  scan_scores = np.asarray(scan_scores, np.float64)
   result = {f"scan_{k}": v for k, v in classification_metrics(scan_labels, scan_scores, threshold=threshold).items()}
   # The threshold a user may prefer to the configured one (predict --threshold=best reads the best checkpoint's).
   result["scan_best_threshold"], result["scan_best_threshold_macro_f1"] = best_threshold(

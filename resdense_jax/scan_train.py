@@ -147,20 +147,6 @@ def pool_scan(pool_fn: Callable, variables: dict, features: np.ndarray, bucket: 
           np.asarray(out["slice_probs"], np.float32)[0, :n])
 
 
-def scan_metrics(scan_scores: np.ndarray, scan_labels: np.ndarray, slice_probs: np.ndarray,
-                 slice_labels: np.ndarray, *, threshold: float = 0.5) -> dict:
-  """The keys of metrics.scan_and_slice_metrics, from scan scores given directly (not aggregated)."""
-  scan_labels = np.asarray(scan_labels, np.int64)
-  scan_scores = np.asarray(scan_scores, np.float64)
-  result = {f"scan_{k}": v for k, v in
-            metrics.classification_metrics(scan_labels, scan_scores, threshold=threshold).items()}
-  result["scan_best_threshold"], result["scan_best_threshold_macro_f1"] = metrics.best_threshold(
-      scan_labels, scan_scores, prefer=threshold)
-  slice_preds = (np.asarray(slice_probs) > 0.5).astype(np.int64)
-  result["slice_accuracy"] = float((slice_preds == np.asarray(slice_labels, np.int64)).mean())
-  result["num_scans"] = int(len(scan_labels))
-  result["num_slices"] = int(len(slice_probs))
-  return result
 
 
 def predict_scans(features_fn: Callable, pool_fn: Callable, variables: dict, source, config, batch_sharding
@@ -198,8 +184,8 @@ def evaluate_scans(features_fn: Callable, pool_fn: Callable, variables: dict, sc
     raise ValueError("evaluation needs labelled validation scans")
   out = predict_scans(features_fn, pool_fn, variables, source, config, batch_sharding)
   slice_labels = np.concatenate([np.full(len(p), label) for p, label in zip(out["slice_probs"], labels)])
-  return scan_metrics(out["p_covid"], np.asarray(labels), np.concatenate(out["slice_probs"]), slice_labels,
-                      threshold=config.eval.threshold)
+  return metrics.scored_scan_metrics(out["p_covid"], np.asarray(labels), np.concatenate(out["slice_probs"]),
+                                     slice_labels, threshold=config.eval.threshold)
 
 
 class Evaluator:
