@@ -12,7 +12,7 @@ import pytest
 
 import demo_configs
 import trees
-from resdense_jax import checkpoints, data, losses, metric_writer, predict, scan_train, train
+from resdense_jax import checkpoints, data, losses, metric_writer, predict, scan_train, sharding, train
 from resdense_jax.data import scan_batches
 
 
@@ -226,3 +226,22 @@ def test_scan_head_refuses_options_it_does_not_support(collection, tmp_path):
   with pytest.raises(ValueError, match="more than the training scans"):
     train.setup_run(config, tmp_path)
   assert ml_collections  # config fields are ConfigDicts
+
+
+def test_remat_blocks_recomputes_the_slice_blocks_of_a_scan_step(collection):
+  """B*K slices fit by rematerialisation as for slices: the lowered scan-head step (all trainable) recomputes the
+  backbones' block convolutions in its backward pass (abstract shapes only: nothing compiles or runs)."""
+  config = _scan_config(collection)
+  config.phases = [demo_configs.common.phase("all", 1, (), optimizer="sgd", learning_rate=0.1)]
+  model = scan_train.create_model(config)
+  variables = jax.eval_shape(lambda: scan_train.initialized(jax.random.key(0, impl="rbg"), model, 32))
+  phase = train.create_phase(0, [("all", config.phases[0], 0, 1)], config, variables["params"])
+  state = jax.eval_shape(lambda v: train.create_train_state(jax.random.PRNGKey(1), v, phase), variables)
+  batch = {"image": jax.ShapeDtypeStruct((2, 3, 32, 32, 3), jnp.uint8),
+           "label": jax.ShapeDtypeStruct((2,), jnp.int32)}
+
+  def convs(remat):
+    step = train.compile_train_step(phase, losses.binary_cross_entropy, sharding.create_mesh(), remat=remat)
+    return step.lower(state, batch).as_text().count("stablehlo.convolution")
+
+  assert convs("blocks") >= convs("none") + 8
