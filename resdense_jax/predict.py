@@ -302,11 +302,17 @@ def _rows(predictions: Sequence[ScanPrediction]) -> list[tuple]:
 
 
 def write_per_slice(predictions: Sequence[ScanPrediction], path) -> pathlib.Path:
-  """`scan_id,path,slice_index,p_covid`, slices in body-axis order."""
-  rows = [(p.scan_id, str(p.path), int(i), repr(float(prob))) for p in predictions
-          for i, prob in zip(range(len(p.slice_probs)) if p.slice_indices is None else p.slice_indices,
-                             p.slice_probs)]
-  return _write_atomic(path, rows, PER_SLICE_COLUMNS)
+  """`scan_id,path,slice_index,p_covid`, slices in body-axis order; with a scan head (attention weights) also
+  `attention_weight`, the share of the scan's score each slice carries."""
+  weighted = any(p.slice_weights is not None for p in predictions)
+  rows = []
+  for p in predictions:
+    indices = range(len(p.slice_probs)) if p.slice_indices is None else p.slice_indices
+    weights = p.slice_weights if p.slice_weights is not None else [float("nan")] * len(p.slice_probs)
+    for i, prob, weight in zip(indices, p.slice_probs, weights):
+      row = (p.scan_id, str(p.path), int(i), repr(float(prob)))
+      rows.append(row + (repr(float(weight)),) if weighted else row)
+  return _write_atomic(path, rows, PER_SLICE_COLUMNS + (("attention_weight",) if weighted else ()))
 
 
 def write_submission(predictions: Sequence[ScanPrediction], folder) -> dict[int, pathlib.Path]:

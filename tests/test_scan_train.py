@@ -1,6 +1,8 @@
 """Training and evaluating by scan (issue 13): B x K batches, one step by hand, whole-scan evaluation, resume,
 and the Predictor with a scan head."""
 
+import csv
+import dataclasses
 import json
 
 import grain
@@ -245,3 +247,16 @@ def test_remat_blocks_recomputes_the_slice_blocks_of_a_scan_step(collection):
     return step.lower(state, batch).as_text().count("stablehlo.convolution")
 
   assert convs("blocks") >= convs("none") + 8
+
+
+def test_per_slice_csv_carries_the_attention_weights(tmp_path):
+  """predict --per_slice: a scan head's predictions add an attention_weight column; the mean head's file keeps
+  its four columns."""
+  weighted = predict.ScanPrediction(scan_id="a", path=tmp_path / "a", p_covid=0.7, label=1,
+                                    slice_probs=np.array([0.2, 0.9], np.float32), slice_indices=np.array([3, 4]),
+                                    slice_weights=np.array([0.25, 0.75], np.float32))
+  rows = list(csv.DictReader(open(predict.write_per_slice([weighted], tmp_path / "w.csv"))))
+  assert [(r["slice_index"], float(r["attention_weight"])) for r in rows] == [("3", 0.25), ("4", 0.75)]
+  plain = dataclasses.replace(weighted, slice_weights=None)
+  header = open(predict.write_per_slice([plain], tmp_path / "p.csv")).readline().strip()
+  assert header == ",".join(predict.PER_SLICE_COLUMNS)
