@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "configs"))
 
 import common  # noqa: E402  pylint: disable=g-import-not-at-top
+import demo  # noqa: E402  pylint: disable=g-import-not-at-top
 
 from resdense_jax import cpu_flags  # noqa: E402
 
@@ -45,13 +46,9 @@ def make_config(head: str, seed: int, root: pathlib.Path, steps: int, steps_per_
   config.seed = seed
   config.data.root = str(root)
   config.data.image_size = image_size
-  config.model.backbones = ("resnet50", "densenet121")
-  config.model.backbone_kwargs = {
-      "resnet50": {"stage_sizes": (1, 1, 1, 1), "filters": (8, 16, 32, 64), "stem_filters": 16},
-      "densenet121": {"blocks": (2, 2, 2, 2), "growth_rate": 8, "stem_filters": 16},
-  }
-  config.model.fusion_filters = 64
-  config.model.pretrained = "none"
+  demo_model = demo.get_config().model  # the demo's small backbones, from scratch
+  for field in ("backbones", "backbone_kwargs", "fusion_filters", "pretrained"):
+    config.model[field] = demo_model[field]
   config.model.scan_head = head
   config.compilation_cache_dir = ""
   if head == "mean":
